@@ -1,0 +1,222 @@
+"""Multi-head / grouped-query attention sublayer of a TransformerFAM layer.
+
+It owns the projections (`query`, `key`, `value`, `attention_output`, named as
+in KerasHub so `enable_lora` and layout maps find them) and rotary position
+embeddings, and calls the backend's fused attention kernel. It knows nothing
+about blocks or FAM: `TransformerFAM` decides which rows attend to which keys
+and at which positions.
+
+Shape letters: B batch, T rows (tokens or FAM vectors), K keys, D width,
+N query heads, G key/value heads, H head dim.
+"""
+
+import keras
+from keras import ops
+
+from keras_fam.ops import dispatch
+
+
+def apply_rope(x, positions, max_wavelength=10000, scaling_factor=1.0):
+    """Rotary position embedding (the "rotate half" convention of KerasHub).
+
+    Args:
+        x: `(B, T, N, H)` tensor, `H` even.
+        positions: `(T,)` float tensor of absolute positions.
+        max_wavelength: float. The RoPE base.
+        scaling_factor: float. Positions are divided by it (linear scaling).
+
+    Returns:
+        Tensor like `x`.
+    """
+    head_dim = ops.shape(x)[-1]
+    exponents = ops.arange(0, head_dim, 2, dtype="float32") / head_dim
+    inverse_frequency = 1.0 / ops.power(float(max_wavelength), exponents)
+    positions = ops.cast(positions, "float32") / scaling_factor
+    angles = positions[:, None] * inverse_frequency[None, :]  # (T, H / 2)
+    cos = ops.cos(angles)[None, :, None, :]
+    sin = ops.sin(angles)[None, :, None, :]
+    x32 = ops.cast(x, "float32")
+    first, second = ops.split(x32, 2, axis=-1)
+    rotated = ops.concatenate(
+        [first * cos - second * sin, second * cos + first * sin], axis=-1
+    )
+    return ops.cast(rotated, x.dtype)
+
+
+@keras.saving.register_keras_serializable(package="keras_fam")
+class FAMAttention(keras.layers.Layer):
+    """Projections, RoPE and fused attention of a TransformerFAM layer.
+
+    Args:
+        num_heads: int. Number of query heads.
+        num_key_value_heads: int. Number of key/value heads (grouped-query
+            attention); must divide `num_heads`. Defaults to `num_heads`.
+        head_dim: int. Size of each head. Defaults to width // `num_heads`.
+        use_bias: bool. Biases on the four projections. Defaults to `False`.
+        use_rope: bool. Rotary position embeddings on queries and keys; turn
+            off for models with learned absolute positions (GPT-2).
+            Defaults to `True`.
+        rope_max_wavelength: float. RoPE base. Defaults to `10000`.
+        rope_scaling_factor: float. Linear RoPE position scaling.
+            Defaults to `1.0`.
+        query_scale: float. Multiplies the attention logits. Defaults to
+            `head_dim ** -0.5`.
+        logit_soft_cap: float or `None`. Soft-caps the logits as
+            `cap * tanh(logits / cap)` (Gemma 2). Defaults to `None`.
+        kernel_initializer: initializer of the kernels. Defaults to
+            `"glorot_uniform"`.
+        attention_implementation: `"auto"` (the backend's fused kernel) or
+            `"reference"` (`keras.ops` only). Defaults to `"auto"`.
+        **kwargs: base `keras.layers.Layer` arguments.
+    """
+
+    def __init__(
+        self,
+        num_heads,
+        num_key_value_heads=None,
+        head_dim=None,
+        use_bias=False,
+        use_rope=True,
+        rope_max_wavelength=10000,
+        rope_scaling_factor=1.0,
+        query_scale=None,
+        logit_soft_cap=None,
+        kernel_initializer="glorot_uniform",
+        attention_implementation="auto",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        num_key_value_heads = num_key_value_heads or num_heads
+        _check_positive_int("num_heads", num_heads)
+        _check_positive_int("num_key_value_heads", num_key_value_heads)
+        if num_heads % num_key_value_heads:
+            raise ValueError(
+                "`num_key_value_heads` must divide `num_heads`. Received: "
+                f"num_key_value_heads={num_key_value_heads}, "
+                f"num_heads={num_heads}"
+            )
+        if head_dim is not None:
+            _check_positive_int("head_dim", head_dim)
+            if use_rope and head_dim % 2:
+                raise ValueError(
+                    "`head_dim` must be even with `use_rope=True`. "
+                    f"Received: head_dim={head_dim}"
+                )
+        dispatch._check_implementation(attention_implementation)
+        self.num_heads = num_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.head_dim = head_dim
+        self.use_bias = use_bias
+        self.use_rope = use_rope
+        self.rope_max_wavelength = rope_max_wavelength
+        self.rope_scaling_factor = rope_scaling_factor
+        self.query_scale = query_scale
+        self.logit_soft_cap = logit_soft_cap
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.attention_implementation = attention_implementation
+
+    def _projection(self, equation, output_shape, bias_axes, name):
+        return keras.layers.EinsumDense(
+            equation,
+            output_shape=output_shape,
+            bias_axes=bias_axes if self.use_bias else None,
+            kernel_initializer=keras.initializers.get(
+                keras.initializers.serialize(self.kernel_initializer)
+            ),
+            dtype=self.dtype_policy,
+            name=name,
+        )
+
+    def build(self, input_shape):
+        hidden_dim = input_shape[-1]
+        if self.head_dim is None:
+            if hidden_dim % self.num_heads:
+                raise ValueError(
+                    "`num_heads` must divide the input width when `head_dim` "
+                    f"is not given. Received: num_heads={self.num_heads}, "
+                    f"width={hidden_dim}"
+                )
+            self.head_dim = hidden_dim // self.num_heads
+            if self.use_rope and self.head_dim % 2:
+                raise ValueError(
+                    "`head_dim` (width // num_heads) must be even with "
+                    f"`use_rope=True`. Received: head_dim={self.head_dim}"
+                )
+        heads, groups, size = (
+            self.num_heads,
+            self.num_key_value_heads,
+            self.head_dim,
+        )
+        self.query = self._projection(
+            "btd,dnh->btnh", (None, heads, size), "nh", "query"
+        )
+        self.query.build(input_shape)
+        self.key = self._projection(
+            "btd,dgh->btgh", (None, groups, size), "gh", "key"
+        )
+        self.key.build(input_shape)
+        self.value = self._projection(
+            "btd,dgh->btgh", (None, groups, size), "gh", "value"
+        )
+        self.value.build(input_shape)
+        self.attention_output = self._projection(
+            "btnh,nhd->btd", (None, hidden_dim), "d", "attention_output"
+        )
+        self.attention_output.build((None, None, heads, size))
+
+    def _rope(self, x, positions):
+        if not self.use_rope:
+            return x
+        return apply_rope(
+            x, positions, self.rope_max_wavelength, self.rope_scaling_factor
+        )
+
+    def project_query(self, hidden, positions):
+        """`(B, T, D)` normed rows -> `(B, T, N, H)` rotated queries."""
+        return self._rope(self.query(hidden), positions)
+
+    def project_key_value(self, hidden, positions):
+        """`(B, T, D)` normed rows -> rotated keys and values `(B, T, G, H)`."""
+        return self._rope(self.key(hidden), positions), self.value(hidden)
+
+    def attend(self, query, key, value, mask):
+        """Attention of `query` over `key`/`value` under a bool `(B, T, K)`
+        mask, followed by the output projection. Returns `(B, T, D)`."""
+        scale = self.query_scale
+        if scale is None:
+            scale = self.head_dim**-0.5
+        out = dispatch.attention(
+            query,
+            key,
+            value,
+            mask,
+            scale=float(scale),
+            logit_soft_cap=self.logit_soft_cap,
+            implementation=self.attention_implementation,
+        )
+        return self.attention_output(out)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_heads": self.num_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "use_bias": self.use_bias,
+            "use_rope": self.use_rope,
+            "rope_max_wavelength": self.rope_max_wavelength,
+            "rope_scaling_factor": self.rope_scaling_factor,
+            "query_scale": self.query_scale,
+            "logit_soft_cap": self.logit_soft_cap,
+            "kernel_initializer": keras.initializers.serialize(
+                self.kernel_initializer
+            ),
+            "attention_implementation": self.attention_implementation,
+        }
+
+
+def _check_positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(
+            f"`{name}` must be a positive integer. Received: {name}={value!r}"
+        )

@@ -1,0 +1,105 @@
+"""The position-wise feedforward network of a Transformer layer."""
+
+import keras
+
+KINDS = ("mlp", "gated")
+
+
+@keras.saving.register_keras_serializable(package="keras_fam")
+class FeedForward(keras.layers.Layer):
+    """Two-layer MLP or gated MLP (GeGLU / SwiGLU).
+
+    - `kind="mlp"`: `out(act(intermediate(x)))` (GPT-2).
+    - `kind="gated"`: `out(act(gate(x)) * intermediate(x))`; with
+      `activation="gelu_approximate"` this is Gemma's gated GELU, with
+      `activation="silu"` Llama's SwiGLU.
+
+    Sublayers are named `feedforward_intermediate_dense`,
+    `feedforward_gate_dense` (gated only) and `feedforward_output_dense`, as in
+    KerasHub's Llama, so LoRA targets and layout maps find them.
+
+    Args:
+        intermediate_dim: int. Width of the hidden layer.
+        kind: str. `"mlp"` or `"gated"`. Defaults to `"mlp"`.
+        activation: str. A Keras activation name, or `"gelu_approximate"`
+            (tanh-approximated GELU). Defaults to `"gelu"`.
+        use_bias: bool. Biases on the dense layers. Defaults to `True`.
+        kernel_initializer: initializer of the kernels. Defaults to
+            `"glorot_uniform"`.
+        **kwargs: base `keras.layers.Layer` arguments.
+    """
+
+    def __init__(
+        self,
+        intermediate_dim,
+        kind="mlp",
+        activation="gelu",
+        use_bias=True,
+        kernel_initializer="glorot_uniform",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if kind not in KINDS:
+            raise ValueError(
+                f"`feedforward` must be one of {KINDS}. Received: {kind!r}"
+            )
+        self.intermediate_dim = intermediate_dim
+        self.kind = kind
+        self.activation = activation
+        self.use_bias = use_bias
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self._activation_fn = _activation(activation)
+
+    def _dense(self, units, name):
+        return keras.layers.Dense(
+            units,
+            use_bias=self.use_bias,
+            kernel_initializer=keras.initializers.get(
+                keras.initializers.serialize(self.kernel_initializer)
+            ),
+            dtype=self.dtype_policy,
+            name=name,
+        )
+
+    def build(self, input_shape):
+        hidden_dim = input_shape[-1]
+        self.intermediate_dense = self._dense(
+            self.intermediate_dim, "feedforward_intermediate_dense"
+        )
+        self.intermediate_dense.build(input_shape)
+        if self.kind == "gated":
+            self.gate_dense = self._dense(
+                self.intermediate_dim, "feedforward_gate_dense"
+            )
+            self.gate_dense.build(input_shape)
+        self.output_dense = self._dense(hidden_dim, "feedforward_output_dense")
+        self.output_dense.build((*input_shape[:-1], self.intermediate_dim))
+
+    def call(self, inputs):
+        hidden = self.intermediate_dense(inputs)
+        if self.kind == "gated":
+            hidden = self._activation_fn(self.gate_dense(inputs)) * hidden
+        else:
+            hidden = self._activation_fn(hidden)
+        return self.output_dense(hidden)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "intermediate_dim": self.intermediate_dim,
+            "kind": self.kind,
+            "activation": self.activation,
+            "use_bias": self.use_bias,
+            "kernel_initializer": keras.initializers.serialize(
+                self.kernel_initializer
+            ),
+        }
+
+
+def _activation(name):
+    if name == "gelu_approximate":
+        return lambda x: keras.activations.gelu(x, approximate=True)
+    return keras.activations.get(name)

@@ -1,0 +1,51 @@
+"""Root-mean-square layer normalization, as in Llama (`scale`) and Gemma
+(`1 + scale`)."""
+
+import keras
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="keras_fam")
+class RMSNormalization(keras.layers.Layer):
+    """RMS normalization over the last axis, computed in float32.
+
+    `y = x / sqrt(mean(x ** 2) + epsilon) * scale`, or `* (1 + scale)` with
+    `unit_offset=True` (Gemma's convention, where `scale` starts at zero).
+
+    Args:
+        epsilon: float. Added to the mean square. Defaults to `1e-6`.
+        unit_offset: bool. Multiply by `1 + scale` instead of `scale`.
+            Defaults to `False`.
+        **kwargs: base `keras.layers.Layer` arguments.
+    """
+
+    def __init__(self, epsilon=1e-6, unit_offset=False, **kwargs):
+        super().__init__(**kwargs)
+        self.epsilon = epsilon
+        self.unit_offset = unit_offset
+
+    def build(self, input_shape):
+        self.scale = self.add_weight(
+            name="scale",
+            shape=(input_shape[-1],),
+            initializer="zeros" if self.unit_offset else "ones",
+        )
+
+    def call(self, inputs):
+        x = ops.cast(inputs, "float32")
+        x = x * ops.rsqrt(
+            ops.mean(ops.square(x), axis=-1, keepdims=True) + self.epsilon
+        )
+        scale = ops.cast(self.scale, "float32")
+        x = x * (1.0 + scale if self.unit_offset else scale)
+        return ops.cast(x, self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "epsilon": self.epsilon,
+            "unit_offset": self.unit_offset,
+        }

@@ -1,0 +1,787 @@
+"""TransformerFAM: a pre-norm Transformer layer with Feedback Attention Memory.
+
+Everything here is one block step of one layer (paper Algorithm 2):
+
+    (block x, FAM f, memory keys/values of the last M blocks)
+        -> (outputs y, new FAM f', memory shifted by one block)
+
+computed as one fused attention of the rows [FAM ; block] over the keys
+[memory ; FAM ; block] under the static mask of `keras_fam.ops.masks`, then the
+feedforward network on both FAM and block rows (FAM goes through the whole
+layer). `_attend_and_feed` is the only place the layer's math is written; the
+fused block step (training, prefill) and the streaming chunk step
+(generation, any chunk length) both call it.
+
+Shape letters: B batch, T sequence, D width, S block size, M memory segments,
+F FAM length, G key/value heads, H head dim.
+
+References:
+    Hwang et al., "TransformerFAM: Feedback attention is working memory",
+    arXiv 2404.09173.
+"""
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_fam.layers.fam_attention import FAMAttention
+from keras_fam.layers.feedforward import FeedForward
+from keras_fam.layers.rms_normalization import RMSNormalization
+from keras_fam.ops import dispatch
+from keras_fam.ops.masks import block_self_mask, block_step_mask
+
+NORMALIZATIONS = ("layer_norm", "rms_norm", "rms_norm_unit_offset")
+STATE_KEYS = (
+    "fam",
+    "fam_key",
+    "fam_value",
+    "memory_key",
+    "memory_value",
+    "memory_mask",
+    "block_key",
+    "block_value",
+    "block_mask",
+    "index",
+    "position_offset",
+)
+
+
+@keras.saving.register_keras_serializable(package="keras_fam")
+class TransformerFAM(keras.layers.Layer):
+    """Transformer layer with Block Sliding Window Attention and FAM.
+
+    The sequence is cut into blocks of `block_size` tokens. A token attends
+    causally to its own block, fully to the previous `memory_segments` blocks
+    and to the layer's feedback memory (FAM): `fam_length` vectors that
+    attend to themselves and to each whole block, pass through the
+    feedforward network too, and become the FAM seen by the next block. With
+    `fam_length=0` the layer is TransformerBSWA, the paper's baseline.
+
+    The layer is pre-norm: `a = x + attention(norm(x))`,
+    `y = a + feedforward(norm(a))` (with `sandwich_norm=True` each branch is
+    normed again before its residual, as in Gemma 2).
+
+    The layer owns a learnable initial FAM (`initial_fam`, shape
+    `(fam_length, width)`) used when no FAM or state is passed. FAM positions
+    follow the paper: an updated FAM takes the positions of the last
+    `fam_length` tokens of the block it compressed; the initial FAM takes the
+    `fam_length` positions just before the first token. The first FAM update
+    keeps its residual connection (the paper feeds a zero tensor there);
+    `keras_fam.models.FAMBackbone` passes each layer the hidden state of the
+    summary embeddings at that depth as its initial FAM, and that residual
+    is what carries it.
+
+    Args:
+        num_heads: int. Number of attention heads.
+        block_size: int. Tokens per block. Defaults to `1024` (the paper).
+        memory_segments: int. Number of previous blocks each block attends
+            to. Defaults to `3` (the paper).
+        fam_length: int. Number of FAM vectors; `0` gives TransformerBSWA.
+            Defaults to `64` (the paper).
+        num_key_value_heads: int. Key/value heads for grouped-query
+            attention; must divide `num_heads`. Defaults to `num_heads`.
+        head_dim: int. Size of each head. Defaults to width // `num_heads`.
+        intermediate_dim: int. Width of the feedforward hidden layer.
+            Defaults to `4 * width`.
+        feedforward: str. `"mlp"` (GPT-2) or `"gated"` (Gemma's gated GELU,
+            Llama's SwiGLU with `activation="silu"`). Defaults to `"mlp"`.
+        activation: str. Feedforward activation, a Keras name or
+            `"gelu_approximate"`. Defaults to `"gelu"`.
+        normalization: str. `"layer_norm"`, `"rms_norm"` (Llama:
+            `x * scale`) or `"rms_norm_unit_offset"` (Gemma:
+            `x * (1 + scale)`). Defaults to `"layer_norm"`.
+        layer_norm_epsilon: float. Epsilon of every norm. Defaults to `1e-5`.
+        sandwich_norm: bool. Also norm the attention and feedforward outputs
+            before the residual (Gemma 2). Defaults to `False`.
+        use_bias: bool. Biases in attention projections and feedforward.
+            Defaults to `True`.
+        use_rope: bool. Rotary position embeddings. Defaults to `True`.
+        rope_max_wavelength: float. RoPE base. Defaults to `10000`.
+        rope_scaling_factor: float. Linear RoPE scaling. Defaults to `1.0`.
+        query_scale: float. Attention logit scale. Defaults to
+            `head_dim ** -0.5`.
+        logit_soft_cap: float or `None`. Attention logit soft-cap.
+            Defaults to `None`.
+        dropout: float. Dropout on the attention and feedforward outputs
+            (before each residual). Defaults to `0.0`.
+        kernel_initializer: initializer of all kernels. Defaults to
+            `"glorot_uniform"`.
+        attention_implementation: `"auto"` (backend kernels) or
+            `"reference"` (`keras.ops` only, for testing). Defaults to
+            `"auto"`.
+        **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`...).
+
+    Call arguments:
+        inputs: float tensor `(batch, sequence, width)`. Any sequence length;
+            a last partial block never sees future tokens.
+        padding_mask: bool tensor `(batch, sequence)`, `True` for real tokens.
+            Padded tokens are never attended to by other tokens or the FAM.
+            Keras' implicit mask is used when it is not given.
+        fam: float tensor `(batch, fam_length, width)`: the initial FAM of a
+            new sequence. Defaults to the learned `initial_fam`.
+        state: dict from `get_initial_state()` or a previous call with
+            `return_state=True`: continue that sequence (streaming). Its size
+            does not depend on how many tokens it has seen.
+        return_fam: bool. Also return the FAM after the last complete block.
+        return_state: bool. Also return the state to continue the sequence.
+        training: bool. Enables dropout.
+
+    Returns:
+        `outputs` `(batch, sequence, width)`, or a tuple
+        `(outputs, fam)`, `(outputs, state)`, `(outputs, fam, state)` when
+        asked for.
+
+    Example:
+
+    >>> layer = TransformerFAM(num_heads=2, block_size=4, memory_segments=1,
+    ...                        fam_length=2)
+    >>> x = np.random.rand(1, 10, 8).astype("float32")
+    >>> y = layer(x)
+    >>> y1, state = layer(x[:, :3], return_state=True)
+    >>> y2 = layer(x[:, 3:], state=state)  # equals y[:, 3:]
+
+    References:
+        Hwang et al., "TransformerFAM: Feedback attention is working
+        memory", arXiv 2404.09173.
+    """
+
+    def __init__(
+        self,
+        num_heads,
+        block_size=1024,
+        memory_segments=3,
+        fam_length=64,
+        num_key_value_heads=None,
+        head_dim=None,
+        intermediate_dim=None,
+        feedforward="mlp",
+        activation="gelu",
+        normalization="layer_norm",
+        layer_norm_epsilon=1e-5,
+        sandwich_norm=False,
+        use_bias=True,
+        use_rope=True,
+        rope_max_wavelength=10000,
+        rope_scaling_factor=1.0,
+        query_scale=None,
+        logit_soft_cap=None,
+        dropout=0.0,
+        kernel_initializer="glorot_uniform",
+        attention_implementation="auto",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        _check_int("block_size", block_size, minimum=1)
+        _check_int("memory_segments", memory_segments, minimum=0)
+        _check_int("fam_length", fam_length, minimum=0)
+        if intermediate_dim is not None:
+            _check_int("intermediate_dim", intermediate_dim, minimum=1)
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(
+                f"`normalization` must be one of {NORMALIZATIONS}. "
+                f"Received: normalization={normalization!r}"
+            )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(
+                f"`dropout` must be in [0, 1). Received: dropout={dropout}"
+            )
+        self.num_heads = num_heads
+        self.block_size = block_size
+        self.memory_segments = memory_segments
+        self.fam_length = fam_length
+        self.intermediate_dim = intermediate_dim
+        self.feedforward_kind = feedforward
+        self.activation = activation
+        self.normalization = normalization
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.sandwich_norm = sandwich_norm
+        self.use_bias = use_bias
+        self.dropout = dropout
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.supports_masking = True
+        # Validates the attention arguments now, so errors come early.
+        self.attention = FAMAttention(
+            num_heads=num_heads,
+            num_key_value_heads=num_key_value_heads,
+            head_dim=head_dim,
+            use_bias=use_bias,
+            use_rope=use_rope,
+            rope_max_wavelength=rope_max_wavelength,
+            rope_scaling_factor=rope_scaling_factor,
+            query_scale=query_scale,
+            logit_soft_cap=logit_soft_cap,
+            kernel_initializer=kernel_initializer,
+            attention_implementation=attention_implementation,
+            dtype=self.dtype_policy,
+            name="attention",
+        )
+        self.feedforward = FeedForward(
+            intermediate_dim=intermediate_dim or 1,  # set in build
+            kind=feedforward,
+            activation=activation,
+            use_bias=use_bias,
+            kernel_initializer=kernel_initializer,
+            dtype=self.dtype_policy,
+            name="feedforward",
+        )
+        self.dropout_layer = keras.layers.Dropout(
+            dropout, dtype=self.dtype_policy, name="dropout"
+        )
+        self.seed_generator = keras.random.SeedGenerator(name="seed")
+        self._static_mask = block_step_mask(
+            block_size, memory_segments, fam_length
+        )
+        self._self_mask = block_self_mask(
+            block_size, memory_segments, fam_length
+        )
+        self._row_offsets = np.concatenate(
+            [np.arange(-fam_length, 0), np.arange(block_size)]
+        ).astype("float32")
+
+    # === Build ===
+
+    def _norm(self, name):
+        if self.normalization == "layer_norm":
+            return keras.layers.LayerNormalization(
+                epsilon=self.layer_norm_epsilon,
+                dtype=self.dtype_policy,
+                name=name,
+            )
+        return RMSNormalization(
+            epsilon=self.layer_norm_epsilon,
+            unit_offset=self.normalization == "rms_norm_unit_offset",
+            dtype=self.dtype_policy,
+            name=name,
+        )
+
+    def build(self, inputs_shape):
+        if len(inputs_shape) != 3:
+            raise ValueError(
+                "`inputs` must have rank 3 (batch, sequence, width). "
+                f"Received: inputs.shape={tuple(inputs_shape)}"
+            )
+        self.hidden_dim = hidden_dim = inputs_shape[-1]
+        self.attention_norm = self._norm("attention_norm")
+        self.attention_norm.build(inputs_shape)
+        self.attention.build(inputs_shape)
+        self.feedforward_norm = self._norm("feedforward_norm")
+        self.feedforward_norm.build(inputs_shape)
+        if self.intermediate_dim is None:
+            self.intermediate_dim = 4 * hidden_dim
+        self.feedforward.intermediate_dim = self.intermediate_dim
+        self.feedforward.build(inputs_shape)
+        if self.sandwich_norm:
+            self.post_attention_norm = self._norm("post_attention_norm")
+            self.post_attention_norm.build(inputs_shape)
+            self.post_feedforward_norm = self._norm("post_feedforward_norm")
+            self.post_feedforward_norm.build(inputs_shape)
+        if self.fam_length:
+            self.initial_fam = self.add_weight(
+                name="initial_fam",
+                shape=(self.fam_length, hidden_dim),
+                initializer=keras.initializers.RandomNormal(stddev=0.02),
+            )
+
+    # === The layer's math: attention + feedforward of some rows ===
+
+    def _attend_and_feed(self, rows, query, key, value, mask, keep, training):
+        """Pre-norm attention and feedforward blocks with residuals.
+
+        `rows` `(B, T, D)` are the un-normed rows whose queries are `query`;
+        `keep` is `None` or a pair of precomputed dropout keep-masks (inside a
+        scan, where a seed generator cannot advance).
+        """
+        attended = self.attention.attend(query, key, value, mask)
+        if self.sandwich_norm:
+            attended = self.post_attention_norm(attended)
+        rows = rows + self._drop(attended, keep, 0, training)
+        fed = self.feedforward(self.feedforward_norm(rows))
+        if self.sandwich_norm:
+            fed = self.post_feedforward_norm(fed)
+        return rows + self._drop(fed, keep, 1, training)
+
+    def _drop(self, x, keep, which, training):
+        if keep is not None:
+            return x * ops.cast(keep[which], x.dtype) / (1.0 - self.dropout)
+        return self.dropout_layer(x, training=training)
+
+    def _mask(self, rows, key_mask):
+        """Run-time `(B, rows, K)` mask: static rows AND valid keys, OR self.
+
+        `rows` indexes the static mask: a NumPy array (fused step, FAM
+        update) or a tensor (a streamed chunk at a run-time offset).
+        """
+        if isinstance(rows, np.ndarray):
+            static, own = self._static_mask[rows], self._self_mask[rows]
+        else:
+            static = ops.take(self._static_mask, rows, axis=0)
+            own = ops.take(self._self_mask, rows, axis=0)
+        allowed = ops.logical_and(static[None], key_mask[:, None, :])
+        return ops.logical_or(allowed, own[None])
+
+    def _fam_positions(self, index, position_offset):
+        """Positions of a FAM that precedes the block starting at `index`."""
+        start = ops.cast(index + position_offset, "float32")
+        return ops.add(start, np.arange(-self.fam_length, 0, dtype="float32"))
+
+    def _fam_key_value(self, fam, index, position_offset):
+        positions = self._fam_positions(index, position_offset)
+        hidden = self.attention_norm(fam)
+        return self.attention.project_key_value(hidden, positions)
+
+    def _roll(self, memory, block):
+        """Drop the oldest block of `memory` and append `block`."""
+        if not self.memory_segments:
+            return memory
+        return ops.concatenate([memory[:, self.block_size :], block], axis=1)
+
+    # === The fused block step (training, prefill) ===
+
+    def _block_step(self, carry, inputs, training):
+        fam_length, size = self.fam_length, self.block_size
+        rows = ops.concatenate([carry["fam"], inputs["x"]], axis=1)
+        positions = ops.add(inputs["start"], self._row_offsets)
+        hidden = self.attention_norm(rows)
+        query = self.attention.project_query(hidden, positions)
+        key, value = self.attention.project_key_value(hidden, positions)
+        fam_mask = ops.ones_like(rows[:, :fam_length, 0], dtype="bool")
+        key_mask = ops.concatenate(
+            [carry["memory_mask"], fam_mask, inputs["mask"]], axis=1
+        )
+        mask = self._mask(np.arange(fam_length + size), key_mask)
+        rows = self._attend_and_feed(
+            rows,
+            query,
+            ops.concatenate([carry["memory_key"], key], axis=1),
+            ops.concatenate([carry["memory_value"], value], axis=1),
+            mask,
+            inputs.get("keep"),
+            training,
+        )
+        carry = {
+            "fam": rows[:, :fam_length],
+            "memory_key": self._roll(carry["memory_key"], key[:, fam_length:]),
+            "memory_value": self._roll(
+                carry["memory_value"], value[:, fam_length:]
+            ),
+            "memory_mask": self._roll(carry["memory_mask"], inputs["mask"]),
+        }
+        return carry, rows[:, fam_length:]
+
+    def _run_blocks(self, x, mask, state, training):
+        """Whole blocks through the fused step, looped by `dispatch.scan`."""
+        size, width = self.block_size, self.hidden_dim
+        num_blocks = x.shape[1] // size
+        blocks = ops.transpose(
+            ops.reshape(x, (-1, num_blocks, size, width)), (1, 0, 2, 3)
+        )
+        xs = {
+            "x": blocks,
+            "mask": ops.transpose(
+                ops.reshape(mask, (-1, num_blocks, size)), (1, 0, 2)
+            ),
+            "start": ops.add(
+                ops.cast(state["index"] + state["position_offset"], "float32"),
+                np.arange(num_blocks, dtype="float32") * size,
+            ),
+        }
+        if training and self.dropout > 0:
+            shape = (num_blocks, ops.shape(x)[0], self.fam_length + size, width)
+            xs["keep"] = tuple(
+                keras.random.uniform(shape, seed=self.seed_generator)
+                >= self.dropout
+                for _ in range(2)
+            )
+        carry_keys = ("fam", "memory_key", "memory_value", "memory_mask")
+        carry = {key: state[key] for key in carry_keys}
+        carry, ys = dispatch.scan(
+            lambda c, inputs: self._block_step(c, inputs, training),
+            carry,
+            xs,
+            ys_like=ops.zeros_like(blocks[0]),
+        )
+        outputs = ops.reshape(
+            ops.transpose(ys, (1, 0, 2, 3)), (-1, num_blocks * size, width)
+        )
+        index = state["index"] + num_blocks * size
+        fam_key, fam_value = self._fam_key_value(
+            carry["fam"], index, state["position_offset"]
+        )
+        state = {
+            **state,
+            **carry,
+            "fam_key": fam_key,
+            "fam_value": fam_value,
+            "index": index,
+        }
+        return outputs, state
+
+    # === The streaming chunk step (generation, any chunk length) ===
+
+    def _chunk_step(self, x, mask, state, offset, training):
+        """Tokens `x` `(B, C, D)` that start at in-block index `offset` and
+        end inside, or at the end of, the current block."""
+        fam_length, length = self.fam_length, x.shape[1]
+        positions = ops.add(
+            ops.cast(state["index"] + state["position_offset"], "float32"),
+            np.arange(length, dtype="float32"),
+        )
+        hidden = self.attention_norm(x)
+        query = self.attention.project_query(hidden, positions)
+        key, value = self.attention.project_key_value(hidden, positions)
+        state = {
+            **state,
+            "block_key": ops.slice_update(
+                state["block_key"], (0, offset, 0, 0), key
+            ),
+            "block_value": ops.slice_update(
+                state["block_value"], (0, offset, 0, 0), value
+            ),
+            "block_mask": ops.slice_update(
+                state["block_mask"], (0, offset), mask
+            ),
+            "index": state["index"] + length,
+        }
+        keys, values, key_mask = self._streaming_keys(state)
+        if isinstance(offset, int):
+            rows = np.arange(fam_length + offset, fam_length + offset + length)
+        else:
+            rows = ops.arange(length, dtype="int32") + (fam_length + offset)
+        outputs = self._attend_and_feed(
+            x,
+            query,
+            keys,
+            values,
+            self._mask(rows, key_mask),
+            None,
+            training,
+        )
+        completes = offset + length == self.block_size
+        if isinstance(offset, int):
+            if completes:
+                state = self._close_block(state, keys, values, key_mask)
+        else:
+            state = ops.cond(
+                completes,
+                lambda: self._close_block(state, keys, values, key_mask),
+                lambda: state,
+            )
+        return outputs, state
+
+    def _streaming_keys(self, state):
+        keys = ops.concatenate(
+            [state["memory_key"], state["fam_key"], state["block_key"]], axis=1
+        )
+        values = ops.concatenate(
+            [state["memory_value"], state["fam_value"], state["block_value"]],
+            axis=1,
+        )
+        fam_mask = ops.ones_like(state["fam"][:, :, 0], dtype="bool")
+        key_mask = ops.concatenate(
+            [state["memory_mask"], fam_mask, state["block_mask"]], axis=1
+        )
+        return keys, values, key_mask
+
+    def _close_block(self, state, keys, values, key_mask):
+        """The FAM update at the end of a streamed block, and the memory
+        shift."""
+        fam = state["fam"]
+        block_start = state["index"] - self.block_size
+        if self.fam_length:
+            positions = self._fam_positions(
+                block_start, state["position_offset"]
+            )
+            query = self.attention.project_query(
+                self.attention_norm(fam), positions
+            )
+            mask = self._mask(np.arange(self.fam_length), key_mask)
+            fam = self._attend_and_feed(
+                fam, query, keys, values, mask, None, False
+            )
+        fam_key, fam_value = self._fam_key_value(
+            fam, state["index"], state["position_offset"]
+        )
+        return {
+            **state,
+            "fam": fam,
+            "fam_key": fam_key,
+            "fam_value": fam_value,
+            "memory_key": self._roll(state["memory_key"], state["block_key"]),
+            "memory_value": self._roll(
+                state["memory_value"], state["block_value"]
+            ),
+            "memory_mask": self._roll(
+                state["memory_mask"], state["block_mask"]
+            ),
+            "block_key": ops.zeros_like(state["block_key"]),
+            "block_value": ops.zeros_like(state["block_value"]),
+            "block_mask": ops.zeros_like(state["block_mask"]),
+        }
+
+    def _stream(self, x, mask, state, training):
+        """Any number of tokens from any state: whole blocks go through the
+        fused step, the rest through chunk steps."""
+        length, size = x.shape[1], self.block_size
+        index = dispatch.static_int(state["index"])
+        if index is None:  # A run-time position (compiled generation).
+            offset = state["index"] % size
+            if length == 1:
+                return self._chunk_step(x, mask, state, offset, training)
+
+            def token_step(carry, inputs):
+                carry_offset = carry["index"] % size
+                y, carry = self._chunk_step(
+                    inputs["x"], inputs["mask"], carry, carry_offset, False
+                )
+                return carry, y
+
+            xs = {
+                "x": ops.transpose(x, (1, 0, 2))[:, :, None],
+                "mask": ops.transpose(mask, (1, 0))[:, :, None],
+            }
+            state, ys = dispatch.scan(
+                token_step, state, xs, ys_like=ops.zeros_like(x[:, :1])
+            )
+            return ops.transpose(ys[:, :, 0], (1, 0, 2)), state
+        offset = index % size
+        head = min((size - offset) % size, length)
+        whole = (length - head) // size * size
+        pieces, outputs = [], []
+        if head:
+            pieces.append(("chunk", 0, head, offset))
+        if whole:
+            pieces.append(("blocks", head, head + whole, 0))
+        if head + whole < length:
+            pieces.append(("chunk", head + whole, length, 0))
+        for kind, begin, end, piece_offset in pieces:
+            piece_x, piece_mask = x[:, begin:end], mask[:, begin:end]
+            if kind == "blocks":
+                y, state = self._run_blocks(piece_x, piece_mask, state, training)
+            else:
+                y, state = self._chunk_step(
+                    piece_x, piece_mask, state, piece_offset, training
+                )
+            outputs.append(y)
+        if len(outputs) == 1:
+            return outputs[0], state
+        return ops.concatenate(outputs, axis=1), state
+
+    # === Public API ===
+
+    def get_initial_state(self, batch_size, fam=None, position_offset=0):
+        """A fresh streaming state.
+
+        Args:
+            batch_size: int. Batch size.
+            fam: optional `(batch, fam_length, width)` initial FAM. Defaults
+                to the learned `initial_fam`.
+            position_offset: int or scalar tensor added to every RoPE
+                position (the paper's Random Position Offset). Defaults to
+                `0`.
+
+        Returns:
+            A dict of tensors whose shapes depend only on the configuration
+            and `batch_size`.
+        """
+        dtype = self.compute_dtype
+        shapes = self._state_shapes(batch_size)
+        state = {
+            name: ops.zeros(shape, dtype=dtype)
+            for name, (shape, dtype) in shapes.items()
+            if name not in ("index", "position_offset")
+        }
+        if fam is None and self.fam_length:
+            initial = ops.cast(self.initial_fam, dtype)[None]
+            fam = ops.broadcast_to(initial, shapes["fam"][0])
+        if fam is not None:
+            state["fam"] = ops.cast(fam, dtype)
+        state["index"] = ops.convert_to_tensor(0, "int32")
+        state["position_offset"] = ops.cast(position_offset, "int32")
+        if self.fam_length:
+            state["fam_key"], state["fam_value"] = self._fam_key_value(
+                state["fam"], state["index"], state["position_offset"]
+            )
+        return state
+
+    def _state_shapes(self, batch_size):
+        dtype = self.compute_dtype
+        groups = self.attention.num_key_value_heads
+        head_dim = self.attention.head_dim
+        memory = self.memory_segments * self.block_size
+        size, fam = self.block_size, self.fam_length
+        return {
+            "fam": ((batch_size, fam, self.hidden_dim), dtype),
+            "fam_key": ((batch_size, fam, groups, head_dim), dtype),
+            "fam_value": ((batch_size, fam, groups, head_dim), dtype),
+            "memory_key": ((batch_size, memory, groups, head_dim), dtype),
+            "memory_value": ((batch_size, memory, groups, head_dim), dtype),
+            "memory_mask": ((batch_size, memory), "bool"),
+            "block_key": ((batch_size, size, groups, head_dim), dtype),
+            "block_value": ((batch_size, size, groups, head_dim), dtype),
+            "block_mask": ((batch_size, size), "bool"),
+            "index": ((), "int32"),
+            "position_offset": ((), "int32"),
+        }
+
+    def call(
+        self,
+        inputs,
+        padding_mask=None,
+        fam=None,
+        state=None,
+        return_fam=False,
+        return_state=False,
+        training=None,
+        mask=None,
+    ):
+        self._check_inputs(inputs, padding_mask, fam, state)
+        if padding_mask is None:
+            padding_mask = mask
+        if padding_mask is None:
+            padding_mask = ops.ones_like(inputs[:, :, 0], dtype="bool")
+        padding_mask = ops.cast(padding_mask, "bool")
+        if state is None:
+            state = self.get_initial_state(ops.shape(inputs)[0], fam=fam)
+            state["index"] = 0  # Known at trace time: the fast path.
+        outputs, state = self._stream(inputs, padding_mask, state, training)
+        state["index"] = ops.convert_to_tensor(state["index"], "int32")
+        extras = []
+        if return_fam:
+            extras.append(state["fam"])
+        if return_state:
+            extras.append(state)
+        return (outputs, *extras) if extras else outputs
+
+    def _check_inputs(self, inputs, padding_mask, fam, state):
+        shape = tuple(inputs.shape)
+        if len(shape) != 3 or shape[-1] != self.hidden_dim:
+            raise ValueError(
+                "`inputs` must have shape (batch, sequence, "
+                f"{self.hidden_dim}). Received: inputs.shape={shape}"
+            )
+        dtype = keras.backend.standardize_dtype(inputs.dtype)
+        if "float" not in dtype:
+            raise TypeError(
+                "`inputs` must be a float tensor (embed token ids first). "
+                f"Received: inputs.dtype={dtype}"
+            )
+        if shape[1] is None:
+            raise ValueError(
+                "`inputs` must have a static sequence length. "
+                f"Received: inputs.shape={shape}"
+            )
+        if padding_mask is not None:
+            mask_shape = tuple(padding_mask.shape)
+            if not _shapes_match(mask_shape, shape[:2]):
+                raise ValueError(
+                    "`padding_mask` must have shape (batch, sequence) = "
+                    f"{shape[:2]}. Received: padding_mask.shape={mask_shape}"
+                )
+        if fam is not None:
+            if state is not None:
+                raise ValueError(
+                    "Pass either `fam` (start a new sequence from it) or "
+                    "`state` (continue a sequence), not both."
+                )
+            expected = (shape[0], self.fam_length, self.hidden_dim)
+            if not _shapes_match(tuple(fam.shape), expected):
+                raise ValueError(
+                    f"`fam` must have shape {expected}. "
+                    f"Received: fam.shape={tuple(fam.shape)}"
+                )
+        if state is not None:
+            self._check_state(state, shape[0])
+
+    def _check_state(self, state, batch_size):
+        if not isinstance(state, dict) or set(state) != set(STATE_KEYS):
+            keys = sorted(state) if isinstance(state, dict) else type(state)
+            raise ValueError(
+                f"`state` must be a dict with keys {sorted(STATE_KEYS)} as "
+                "returned by `get_initial_state()` or `return_state=True`. "
+                f"Received: state with keys {keys}"
+            )
+        for name, (expected, _) in self._state_shapes(batch_size).items():
+            received = tuple(state[name].shape)
+            if not _shapes_match(received, expected):
+                raise ValueError(
+                    "`state` comes from a differently configured layer "
+                    f"(block_size={self.block_size}, memory_segments="
+                    f"{self.memory_segments}, fam_length={self.fam_length}): "
+                    f"state['{name}'] should have shape {expected}. "
+                    f"Received: {received}"
+                )
+
+    def compute_output_shape(self, inputs_shape):
+        return inputs_shape
+
+    def compute_output_spec(
+        self,
+        inputs,
+        padding_mask=None,
+        fam=None,
+        state=None,
+        return_fam=False,
+        return_state=False,
+        training=None,
+        mask=None,
+    ):
+        outputs = keras.KerasTensor(inputs.shape, dtype=self.compute_dtype)
+        shapes = self._state_shapes(inputs.shape[0])
+        extras = []
+        if return_fam:
+            extras.append(keras.KerasTensor(*shapes["fam"]))
+        if return_state:
+            extras.append(
+                {
+                    name: keras.KerasTensor(shape, dtype=dtype)
+                    for name, (shape, dtype) in shapes.items()
+                }
+            )
+        return (outputs, *extras) if extras else outputs
+
+    def compute_mask(self, inputs, mask=None):
+        return mask
+
+    def get_config(self):
+        attention = self.attention
+        return {
+            **super().get_config(),
+            "num_heads": self.num_heads,
+            "block_size": self.block_size,
+            "memory_segments": self.memory_segments,
+            "fam_length": self.fam_length,
+            "num_key_value_heads": attention.num_key_value_heads,
+            "head_dim": attention.head_dim,
+            "intermediate_dim": self.intermediate_dim,
+            "feedforward": self.feedforward_kind,
+            "activation": self.activation,
+            "normalization": self.normalization,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+            "sandwich_norm": self.sandwich_norm,
+            "use_bias": self.use_bias,
+            "use_rope": attention.use_rope,
+            "rope_max_wavelength": attention.rope_max_wavelength,
+            "rope_scaling_factor": attention.rope_scaling_factor,
+            "query_scale": attention.query_scale,
+            "logit_soft_cap": attention.logit_soft_cap,
+            "dropout": self.dropout,
+            "kernel_initializer": keras.initializers.serialize(
+                self.kernel_initializer
+            ),
+            "attention_implementation": attention.attention_implementation,
+        }
+
+
+def _check_int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        allowed = "a positive integer" if minimum else "a non-negative integer"
+        raise ValueError(
+            f"`{name}` must be {allowed}. Received: {name}={value!r}"
+        )
+
+
+def _shapes_match(received, expected):
+    """Equal shapes where `None` (an unknown batch size) matches anything."""
+    return len(received) == len(expected) and all(
+        r is None or e is None or r == e for r, e in zip(received, expected)
+    )

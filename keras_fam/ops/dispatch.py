@@ -1,0 +1,177 @@
+"""Backend dispatch: the only module that imports jax, tensorflow or torch.
+
+Two operations are dispatched per backend, each with a pure `keras.ops`
+reference path that the tests compare against:
+
+- `attention`: softmax attention of grouped queries over keys with a boolean
+  mask. JAX uses `jax.nn.dot_product_attention`, PyTorch
+  `scaled_dot_product_attention`; TensorFlow (and any call with logit
+  soft-capping, which neither fused kernel supports) uses the reference einsum
+  path, which XLA compiles well.
+- `scan`: the loop over blocks. `lax.scan` on JAX, `tf.scan` on TensorFlow (it
+  compiles with `jit_compile=True` and has gradients, which `keras.ops.scan`'s
+  `while_loop` lacks under XLA), a Python loop on PyTorch.
+
+Backend modules are imported inside the functions, so importing this module
+never imports a backend that is not the active one.
+
+Shape letters: B batch, Q query length, K key length, N query heads,
+G key/value heads, H head dim.
+"""
+
+import keras
+from keras import ops
+
+IMPLEMENTATIONS = ("auto", "reference")
+
+
+def _check_implementation(implementation):
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"`implementation` must be one of {IMPLEMENTATIONS}. "
+            f"Received: implementation={implementation!r}"
+        )
+
+
+def attention_reference(query, key, value, mask, scale, logit_soft_cap=None):
+    """Masked softmax attention with `keras.ops` only.
+
+    Args:
+        query: `(B, Q, N, H)` tensor.
+        key: `(B, K, G, H)` tensor, `N` a multiple of `G`.
+        value: `(B, K, G, H)` tensor.
+        mask: bool `(B, Q, K)` tensor, `True` where a query may attend.
+        scale: float. Multiplies the logits.
+        logit_soft_cap: float or `None`. If set, logits become
+            `cap * tanh(logits / cap)` before masking.
+
+    Returns:
+        `(B, Q, N, H)` tensor in the dtype of `query`.
+    """
+    batch, length, heads, head_dim = ops.shape(query)
+    groups = ops.shape(key)[2]
+    query = ops.reshape(
+        query, (batch, length, groups, heads // groups, head_dim)
+    )
+    logits = ops.einsum("bqgnh,bkgh->bgnqk", query, key)
+    logits = ops.cast(logits, "float32") * scale
+    if logit_soft_cap is not None:
+        logits = ops.tanh(logits / logit_soft_cap) * logit_soft_cap
+    logits = ops.where(mask[:, None, None, :, :], logits, -1e30)
+    probs = ops.cast(ops.softmax(logits, axis=-1), value.dtype)
+    out = ops.einsum("bgnqk,bkgh->bqgnh", probs, value)
+    return ops.reshape(out, (batch, length, heads, head_dim))
+
+
+def attention(
+    query,
+    key,
+    value,
+    mask,
+    scale,
+    logit_soft_cap=None,
+    implementation="auto",
+):
+    """Fused masked attention, dispatched to the backend's kernel.
+
+    Same arguments and result as `attention_reference`; `implementation`
+    is `"auto"` (the backend kernel) or `"reference"` (`keras.ops` only).
+    """
+    _check_implementation(implementation)
+    backend = keras.backend.backend()
+    if implementation == "reference" or logit_soft_cap is not None:
+        return attention_reference(
+            query, key, value, mask, scale, logit_soft_cap
+        )
+    if backend == "jax":
+        import jax
+
+        return jax.nn.dot_product_attention(
+            query, key, value, mask=mask[:, None], scale=scale
+        )
+    if backend == "torch":
+        from torch.nn.functional import scaled_dot_product_attention
+
+        groups_differ = query.shape[2] != key.shape[2]
+        out = scaled_dot_product_attention(
+            query.transpose(1, 2),
+            key.transpose(1, 2),
+            value.transpose(1, 2),
+            attn_mask=mask[:, None],
+            scale=scale,
+            enable_gqa=groups_differ,
+        )
+        return out.transpose(1, 2)
+    return attention_reference(query, key, value, mask, scale, logit_soft_cap)
+
+
+def scan(fn, init, xs, ys_like, implementation="auto"):
+    """Loop `fn(carry, x) -> (carry, y)` over the leading axis of `xs`.
+
+    Args:
+        fn: the step function. `carry`, `x` and `y` are nested structures
+            (tuples or dicts) of tensors.
+        init: the initial carry.
+        xs: a structure of tensors, all with the same leading length.
+        ys_like: a structure of tensors with the shape and dtype of one `y`
+            (TensorFlow's `tf.scan` needs it as an initializer; others ignore
+            it).
+        implementation: `"auto"` or `"reference"` (`keras.ops.scan`).
+
+    Returns:
+        `(final_carry, ys)` with `ys` stacked along a new leading axis.
+    """
+    _check_implementation(implementation)
+    backend = keras.backend.backend()
+    if implementation == "reference":
+        return ops.scan(fn, init, xs)
+    if backend == "jax":
+        import jax
+
+        return jax.lax.scan(fn, init, xs)
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        def step(accumulated, x):
+            carry, _ = accumulated
+            return fn(carry, x)
+
+        carries, ys = tf.scan(step, xs, initializer=(init, ys_like))
+        final = tf.nest.map_structure(lambda t: t[-1], carries)
+        return final, ys
+    if backend == "torch":
+        import torch
+
+        flat_xs = keras.tree.flatten(xs)
+        length = flat_xs[0].shape[0]
+        carry, ys = init, []
+        for index in range(length):
+            x = keras.tree.pack_sequence_as(xs, [t[index] for t in flat_xs])
+            carry, y = fn(carry, x)
+            ys.append(y)
+        ys = keras.tree.map_structure(lambda *t: torch.stack(t), *ys)
+        return carry, ys
+    return ops.scan(fn, init, xs)
+
+
+def static_int(tensor):
+    """The value of a scalar integer tensor if it is known at trace time.
+
+    Returns a Python int for eager tensors and for constants inside a traced
+    function (a JAX `jit`, a `tf.function`), and `None` for values that are
+    only known at run time.
+    """
+    if isinstance(tensor, int):
+        return tensor
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        value = tf.get_static_value(tensor)
+        return None if value is None else int(value)
+    if backend == "jax":
+        import jax
+
+        if isinstance(tensor, jax.core.Tracer):
+            return None
+    return int(ops.convert_to_numpy(tensor))
