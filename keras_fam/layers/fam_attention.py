@@ -10,13 +10,72 @@ Shape letters: B batch, T rows (tokens or FAM vectors), K keys, D width,
 N query heads, G key/value heads, H head dim.
 """
 
+import math
+
 import keras
 from keras import ops
 
 from keras_fam.ops import dispatch
 
+FREQUENCY_SCALING_KEYS = (
+    "factor",
+    "low_freq_factor",
+    "high_freq_factor",
+    "original_max_position_embeddings",
+)
 
-def apply_rope(x, positions, max_wavelength=10000, scaling_factor=1.0):
+
+def rope_inverse_frequency(
+    head_dim, max_wavelength=10000, frequency_scaling=None
+):
+    """Inverse frequencies `(H / 2,)` of rotary embeddings, in float32.
+
+    Args:
+        head_dim: int. Size of each head (even).
+        max_wavelength: float. The RoPE base.
+        frequency_scaling: `None` or a dict with the keys `factor`,
+            `low_freq_factor`, `high_freq_factor` and
+            `original_max_position_embeddings`: Llama 3.1's
+            frequency-dependent scaling (Hugging Face's `rope_scaling` with
+            `rope_type="llama3"`, KerasHub's `rope_frequency_adjustment_factor`
+            family). Wavelengths longer than
+            `original_max_position_embeddings / low_freq_factor` are divided
+            by `factor`, shorter than `... / high_freq_factor` kept, and those
+            in between interpolated smoothly. Defaults to `None`.
+
+    Returns:
+        float32 tensor of shape `(head_dim // 2,)`.
+    """
+    exponents = ops.arange(0, head_dim, 2, dtype="float32") / head_dim
+    inverse_frequency = 1.0 / ops.power(float(max_wavelength), exponents)
+    if frequency_scaling is None:
+        return inverse_frequency
+    factor = float(frequency_scaling["factor"])
+    low = float(frequency_scaling["low_freq_factor"])
+    high = float(frequency_scaling["high_freq_factor"])
+    length = float(frequency_scaling["original_max_position_embeddings"])
+    wavelength = 2.0 * math.pi / inverse_frequency
+    scaled = ops.where(
+        ops.greater(wavelength, length / low),
+        inverse_frequency / factor,
+        inverse_frequency,
+    )
+    smooth = (length / wavelength - low) / (high - low)
+    smoothed = (1.0 - smooth) * scaled / factor + smooth * scaled
+    medium = ops.logical_and(
+        ops.greater_equal(wavelength, length / high),
+        ops.less_equal(wavelength, length / low),
+    )
+    return ops.where(medium, smoothed, scaled)
+
+
+def apply_rope(
+    x,
+    positions,
+    max_wavelength=10000,
+    scaling_factor=1.0,
+    frequency_scaling=None,
+):
     """Rotary position embedding (the "rotate half" convention of KerasHub).
 
     Args:
@@ -24,13 +83,16 @@ def apply_rope(x, positions, max_wavelength=10000, scaling_factor=1.0):
         positions: `(T,)` float tensor of absolute positions.
         max_wavelength: float. The RoPE base.
         scaling_factor: float. Positions are divided by it (linear scaling).
+        frequency_scaling: `None` or a dict of Llama 3 frequency scaling
+            arguments, see `rope_inverse_frequency`.
 
     Returns:
         Tensor like `x`.
     """
     head_dim = ops.shape(x)[-1]
-    exponents = ops.arange(0, head_dim, 2, dtype="float32") / head_dim
-    inverse_frequency = 1.0 / ops.power(float(max_wavelength), exponents)
+    inverse_frequency = rope_inverse_frequency(
+        head_dim, max_wavelength, frequency_scaling
+    )
     positions = ops.cast(positions, "float32") / scaling_factor
     angles = positions[:, None] * inverse_frequency[None, :]  # (T, H / 2)
     cos = ops.cos(angles)[None, :, None, :]
@@ -41,6 +103,32 @@ def apply_rope(x, positions, max_wavelength=10000, scaling_factor=1.0):
         [first * cos - second * sin, second * cos + first * sin], axis=-1
     )
     return ops.cast(rotated, x.dtype)
+
+
+def _check_frequency_scaling(frequency_scaling):
+    if frequency_scaling is None:
+        return None
+    if not isinstance(frequency_scaling, dict) or set(frequency_scaling) != set(
+        FREQUENCY_SCALING_KEYS
+    ):
+        raise ValueError(
+            "`rope_frequency_scaling` must be `None` or a dict with the keys "
+            f"{FREQUENCY_SCALING_KEYS}. "
+            f"Received: rope_frequency_scaling={frequency_scaling!r}"
+        )
+    values = {
+        key: float(frequency_scaling[key]) for key in FREQUENCY_SCALING_KEYS
+    }
+    if (
+        min(values.values()) <= 0
+        or values["high_freq_factor"] <= values["low_freq_factor"]
+    ):
+        raise ValueError(
+            "`rope_frequency_scaling` values must be positive with "
+            "`high_freq_factor > low_freq_factor`. "
+            f"Received: rope_frequency_scaling={frequency_scaling!r}"
+        )
+    return dict(frequency_scaling)
 
 
 @keras.saving.register_keras_serializable(package="keras_fam")
@@ -59,6 +147,10 @@ class FAMAttention(keras.layers.Layer):
         rope_max_wavelength: float. RoPE base. Defaults to `10000`.
         rope_scaling_factor: float. Linear RoPE position scaling.
             Defaults to `1.0`.
+        rope_frequency_scaling: `None` or a dict with the keys `factor`,
+            `low_freq_factor`, `high_freq_factor` and
+            `original_max_position_embeddings`: Llama 3.1's RoPE frequency
+            scaling (see `rope_inverse_frequency`). Defaults to `None`.
         query_scale: float. Multiplies the attention logits. Defaults to
             `head_dim ** -0.5`.
         logit_soft_cap: float or `None`. Soft-caps the logits as
@@ -83,6 +175,7 @@ class FAMAttention(keras.layers.Layer):
         logit_soft_cap=None,
         kernel_initializer="glorot_uniform",
         attention_implementation="auto",
+        rope_frequency_scaling=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -110,6 +203,9 @@ class FAMAttention(keras.layers.Layer):
         self.use_rope = use_rope
         self.rope_max_wavelength = rope_max_wavelength
         self.rope_scaling_factor = rope_scaling_factor
+        self.rope_frequency_scaling = _check_frequency_scaling(
+            rope_frequency_scaling
+        )
         self.query_scale = query_scale
         self.logit_soft_cap = logit_soft_cap
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
@@ -168,7 +264,11 @@ class FAMAttention(keras.layers.Layer):
         if not self.use_rope:
             return x
         return apply_rope(
-            x, positions, self.rope_max_wavelength, self.rope_scaling_factor
+            x,
+            positions,
+            self.rope_max_wavelength,
+            self.rope_scaling_factor,
+            self.rope_frequency_scaling,
         )
 
     def project_query(self, hidden, positions):
@@ -206,6 +306,7 @@ class FAMAttention(keras.layers.Layer):
             "use_rope": self.use_rope,
             "rope_max_wavelength": self.rope_max_wavelength,
             "rope_scaling_factor": self.rope_scaling_factor,
+            "rope_frequency_scaling": self.rope_frequency_scaling,
             "query_scale": self.query_scale,
             "logit_soft_cap": self.logit_soft_cap,
             "kernel_initializer": keras.initializers.serialize(

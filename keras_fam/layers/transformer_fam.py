@@ -98,6 +98,11 @@ class TransformerFAM(keras.layers.Layer):
         use_rope: bool. Rotary position embeddings. Defaults to `True`.
         rope_max_wavelength: float. RoPE base. Defaults to `10000`.
         rope_scaling_factor: float. Linear RoPE scaling. Defaults to `1.0`.
+        rope_frequency_scaling: `None` or a dict of Llama 3.1 RoPE frequency
+            scaling (`factor`, `low_freq_factor`, `high_freq_factor`,
+            `original_max_position_embeddings`), see
+            `keras_fam.layers.fam_attention.rope_inverse_frequency`.
+            Defaults to `None`.
         query_scale: float. Attention logit scale. Defaults to
             `head_dim ** -0.5`.
         logit_soft_cap: float or `None`. Attention logit soft-cap.
@@ -168,6 +173,7 @@ class TransformerFAM(keras.layers.Layer):
         dropout=0.0,
         kernel_initializer="glorot_uniform",
         attention_implementation="auto",
+        rope_frequency_scaling=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -208,6 +214,7 @@ class TransformerFAM(keras.layers.Layer):
             use_rope=use_rope,
             rope_max_wavelength=rope_max_wavelength,
             rope_scaling_factor=rope_scaling_factor,
+            rope_frequency_scaling=rope_frequency_scaling,
             query_scale=query_scale,
             logit_soft_cap=logit_soft_cap,
             kernel_initializer=kernel_initializer,
@@ -762,6 +769,7 @@ class TransformerFAM(keras.layers.Layer):
             "use_rope": attention.use_rope,
             "rope_max_wavelength": attention.rope_max_wavelength,
             "rope_scaling_factor": attention.rope_scaling_factor,
+            "rope_frequency_scaling": attention.rope_frequency_scaling,
             "query_scale": attention.query_scale,
             "logit_soft_cap": attention.logit_soft_cap,
             "dropout": self.dropout,
