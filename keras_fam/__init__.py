@@ -1,5 +1,15 @@
 """keras-fam: TransformerFAM (Feedback Attention Memory) for Keras 3."""
 
-from keras_fam import layers
+import importlib.util
+
+from keras_fam import layers, training
+
+__all__ = ["layers", "training"]
+
+# The models need KerasHub (the `hub` extra); the layers work without it.
+if importlib.util.find_spec("keras_hub") is not None:
+    from keras_fam import models  # noqa: F401 (re-exported)
+
+    __all__.append("models")
 
 __version__ = "0.1.0"

@@ -114,6 +114,10 @@ class TransformerFAM(keras.layers.Layer):
         attention_implementation: `"auto"` (backend kernels) or
             `"reference"` (`keras.ops` only, for testing). Defaults to
             `"auto"`.
+        learned_initial_fam: bool. Own the learnable `initial_fam` weight.
+            `False` when the caller always passes `fam` or `state` (as
+            `keras_fam.models.FAMBackbone` does); calling without them then
+            raises a `ValueError`. Defaults to `True`.
         **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`...).
 
     Call arguments:
@@ -174,6 +178,7 @@ class TransformerFAM(keras.layers.Layer):
         kernel_initializer="glorot_uniform",
         attention_implementation="auto",
         rope_frequency_scaling=None,
+        learned_initial_fam=True,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -203,6 +208,7 @@ class TransformerFAM(keras.layers.Layer):
         self.sandwich_norm = sandwich_norm
         self.use_bias = use_bias
         self.dropout = dropout
+        self.learned_initial_fam = learned_initial_fam
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.supports_masking = True
         # Validates the attention arguments now, so errors come early.
@@ -282,7 +288,7 @@ class TransformerFAM(keras.layers.Layer):
             self.post_attention_norm.build(inputs_shape)
             self.post_feedforward_norm = self._norm("post_feedforward_norm")
             self.post_feedforward_norm.build(inputs_shape)
-        if self.fam_length:
+        if self.fam_length and self.learned_initial_fam:
             self.initial_fam = self.add_weight(
                 name="initial_fam",
                 shape=(self.fam_length, hidden_dim),
@@ -563,7 +569,9 @@ class TransformerFAM(keras.layers.Layer):
         for kind, begin, end, piece_offset in pieces:
             piece_x, piece_mask = x[:, begin:end], mask[:, begin:end]
             if kind == "blocks":
-                y, state = self._run_blocks(piece_x, piece_mask, state, training)
+                y, state = self._run_blocks(
+                    piece_x, piece_mask, state, training
+                )
             else:
                 y, state = self._chunk_step(
                     piece_x, piece_mask, state, piece_offset, training
@@ -598,6 +606,12 @@ class TransformerFAM(keras.layers.Layer):
             if name not in ("index", "position_offset")
         }
         if fam is None and self.fam_length:
+            if not self.learned_initial_fam:
+                raise ValueError(
+                    "This layer has no learned initial FAM "
+                    "(`learned_initial_fam=False`): pass `fam` or `state`. "
+                    "Received: fam=None"
+                )
             initial = ops.cast(self.initial_fam, dtype)[None]
             fam = ops.broadcast_to(initial, shapes["fam"][0])
         if fam is not None:
@@ -777,6 +791,7 @@ class TransformerFAM(keras.layers.Layer):
                 self.kernel_initializer
             ),
             "attention_implementation": attention.attention_implementation,
+            "learned_initial_fam": self.learned_initial_fam,
         }
 
 

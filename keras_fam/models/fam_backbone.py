@@ -1,0 +1,735 @@
+"""FAMBackbone: a KerasHub backbone made of TransformerFAM layers.
+
+Shape letters: B batch, T tokens, D width (`hidden_dim`), F FAM length,
+L layers, V vocabulary.
+
+References:
+    Hwang et al., "TransformerFAM: Feedback attention is working memory",
+    arXiv 2404.09173.
+"""
+
+import keras
+import numpy as np
+from keras import ops
+from keras_hub.layers import PositionEmbedding, ReversibleEmbedding
+from keras_hub.models import Backbone
+
+from keras_fam.layers.rms_normalization import RMSNormalization
+from keras_fam.layers.transformer_fam import NORMALIZATIONS, TransformerFAM
+from keras_fam.training import RandomPositionOffset, RandomStatePassing
+
+POSITION_EMBEDDINGS = ("rope", "learned")
+LORA_TARGETS = (
+    "query",
+    "key",
+    "value",
+    "attention_output",
+    "feedforward_intermediate_dense",
+    "feedforward_gate_dense",
+    "feedforward_output_dense",
+)
+
+
+@keras.saving.register_keras_serializable(package="keras_fam")
+class FAMBackbone(Backbone):
+    """TransformerFAM decoder backbone (token embedding, FAM layers, norm).
+
+    A stack of `keras_fam.layers.TransformerFAM` layers: Block Sliding Window
+    Attention with Feedback Attention Memory, so that memory and per-token
+    compute stay constant however long the sequence is. Configurable to host
+    Llama/Mistral (`normalization="rms_norm"`, `feedforward="gated"`,
+    `activation="silu"`, untied embeddings), Gemma
+    (`normalization="rms_norm_unit_offset"`,
+    `activation="gelu_approximate"`, `embedding_scale=hidden_dim ** 0.5`,
+    `sandwich_norm` and soft caps for Gemma 2) and GPT-2
+    (`position_embedding="learned"`, `normalization="layer_norm"`,
+    `feedforward="mlp"`, `use_bias=True`) checkpoints.
+
+    Summary embeddings (paper appendix B.1; our choices where it is silent):
+    the backbone owns `fam_summary_embedding` `(F, D)`, shared by all batch
+    rows, added at the embedding lookup like a soft prompt (no embedding
+    scale, no position embedding: they are not tokens). They reach each
+    layer by ordinary forward propagation through the summary rows alone:
+    layer 0's initial FAM is the summary embeddings; layer `l + 1`'s initial
+    FAM is layer `l`'s output on the summary rows when those rows attend only
+    to themselves (all of them, as FAM attends to FAM) and then go through
+    the feedforward network - exactly the layer's FAM update over an empty
+    block. So each layer starts from a representation suited to its depth,
+    with no per-layer learned prefix (which the paper found worse) and with
+    compute independent of the input. Each layer's first FAM update keeps its
+    residual connection (the initial FAM, not a zero tensor, is added back).
+
+    Training tricks (paper section 3.3, `keras_fam.training`), both off by
+    default and active only with `training=True`: Random State Passing
+    (`state_passing_probability`, `0.8` in the paper) and Random Position
+    Offset (`position_offset_probability`, `0.5` in the paper; RoPE only).
+
+    LoRA: `enable_lora(rank)` puts Keras' own LoRA on the attention
+    projections (`query`, `key`, `value`, `attention_output`) and the
+    feedforward denses, freezes every other weight except the summary
+    embeddings (new FAM parameters, trained too), so the trainable parameter
+    count is `sum(rank * (kernel.size // kernel.shape[-1] + kernel.shape[-1])`
+    `for every targeted kernel) + fam_length * hidden_dim`. Saving
+    (`save_weights`, `save_to_preset`, `.keras`) merges the adapters into the
+    kernels; `save_lora_weights` saves only the adapters and the summary
+    embeddings.
+
+    Args:
+        vocabulary_size: int. Size of the token vocabulary.
+        num_layers: int. Number of TransformerFAM layers.
+        num_heads: int. Number of query heads.
+        hidden_dim: int. Width of the residual stream.
+        intermediate_dim: int. Width of the feedforward hidden layer.
+        block_size: int. Tokens per block. Defaults to `1024`.
+        memory_segments: int. Previous blocks each block attends to.
+            Defaults to `3`.
+        fam_length: int. FAM vectors per layer; `0` gives TransformerBSWA.
+            Defaults to `64`.
+        num_key_value_heads: int. Key/value heads (grouped-query
+            attention). Defaults to `num_heads`.
+        head_dim: int. Size of each head. Defaults to
+            `hidden_dim // num_heads`.
+        feedforward: str. `"gated"` or `"mlp"`. Defaults to `"gated"`.
+        activation: str. Feedforward activation. Defaults to `"silu"`.
+        normalization: str. `"rms_norm"`, `"rms_norm_unit_offset"` or
+            `"layer_norm"`, for every norm including the final one.
+            Defaults to `"rms_norm"`.
+        layer_norm_epsilon: float. Epsilon of every norm. Defaults to `1e-6`.
+        sandwich_norm: bool. Gemma 2 post-attention/feedforward norms.
+            Defaults to `False`.
+        use_bias: bool. Biases in projections and feedforward. Defaults to
+            `False`.
+        position_embedding: str. `"rope"` or `"learned"` (GPT-2 style, needs
+            `max_sequence_length`; the total streamed length is then bounded
+            by it). Defaults to `"rope"`.
+        max_sequence_length: int or `None`. Size of the learned position
+            table. Defaults to `None`.
+        rope_max_wavelength: float. RoPE base. Defaults to `10000`.
+        rope_scaling_factor: float. Linear RoPE scaling. Defaults to `1.0`.
+        query_scale: float or `None`. Attention logit scale. Defaults to
+            `head_dim ** -0.5`.
+        logit_soft_cap: float or `None`. Attention logit soft cap. Defaults
+            to `None`.
+        final_logit_soft_cap: float or `None`. Output logit soft cap, applied
+            by `FAMCausalLM` (Gemma 2). Defaults to `None`.
+        embedding_scale: float or `None`. Multiplies the token embeddings
+            (Gemma: `hidden_dim ** 0.5`). Defaults to `None`.
+        tie_word_embeddings: bool. Output projection shares the token
+            embedding matrix. Defaults to `True`.
+        dropout: float. Dropout rate on embeddings and in every layer.
+            Defaults to `0.0`.
+        state_passing_probability: float. Random State Passing probability
+            (training only). Defaults to `0.0` (off).
+        position_offset_probability: float. Probability that the Random
+            Position Offset of a training step is non-zero. Defaults to `0.0`
+            (off).
+        max_position_offset: int or `None`. Offsets are uniform in
+            `[0, max_position_offset)`. Defaults to `rope_max_wavelength`.
+        seed: int or `None`. Seed of the training tricks' random draws.
+            Defaults to `None`.
+        dtype: dtype policy of the model. Defaults to `None`.
+        **kwargs: base `keras_hub.models.Backbone` arguments (`name`...).
+
+    Call arguments:
+        inputs: dict with `"token_ids"` (int `(B, T)`) and `"padding_mask"`
+            (`(B, T)`, `1` for real tokens; optional).
+        training: bool. Dropout and the training tricks.
+
+    Returns:
+        The final-normed hidden states `(B, T, hidden_dim)`.
+
+    Example:
+
+    >>> backbone = FAMBackbone(vocabulary_size=100, num_layers=2,
+    ...     num_heads=2, hidden_dim=16, intermediate_dim=32, block_size=8,
+    ...     memory_segments=1, fam_length=2)
+    >>> ids = np.ones((1, 20), "int32")
+    >>> hidden = backbone({"token_ids": ids, "padding_mask": ids})
+
+    References:
+        Hwang et al., "TransformerFAM: Feedback attention is working
+        memory", arXiv 2404.09173.
+    """
+
+    def __init__(
+        self,
+        vocabulary_size,
+        num_layers,
+        num_heads,
+        hidden_dim,
+        intermediate_dim,
+        block_size=1024,
+        memory_segments=3,
+        fam_length=64,
+        num_key_value_heads=None,
+        head_dim=None,
+        feedforward="gated",
+        activation="silu",
+        normalization="rms_norm",
+        layer_norm_epsilon=1e-6,
+        sandwich_norm=False,
+        use_bias=False,
+        position_embedding="rope",
+        max_sequence_length=None,
+        rope_max_wavelength=10000,
+        rope_scaling_factor=1.0,
+        query_scale=None,
+        logit_soft_cap=None,
+        final_logit_soft_cap=None,
+        embedding_scale=None,
+        tie_word_embeddings=True,
+        dropout=0.0,
+        state_passing_probability=0.0,
+        position_offset_probability=0.0,
+        max_position_offset=None,
+        seed=None,
+        dtype=None,
+        **kwargs,
+    ):
+        for name, value in (
+            ("vocabulary_size", vocabulary_size),
+            ("num_layers", num_layers),
+            ("hidden_dim", hidden_dim),
+            ("intermediate_dim", intermediate_dim),
+        ):
+            _check_positive_int(name, value)
+        if position_embedding not in POSITION_EMBEDDINGS:
+            raise ValueError(
+                f"`position_embedding` must be one of {POSITION_EMBEDDINGS}. "
+                f"Received: position_embedding={position_embedding!r}"
+            )
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(
+                f"`normalization` must be one of {NORMALIZATIONS}. "
+                f"Received: normalization={normalization!r}"
+            )
+        if position_embedding == "learned":
+            _check_positive_int("max_sequence_length", max_sequence_length)
+            if position_offset_probability:
+                raise ValueError(
+                    "Random Position Offset shifts RoPE positions and needs "
+                    '`position_embedding="rope"`. Received: '
+                    f"position_offset_probability={position_offset_probability}"
+                    ' with position_embedding="learned"'
+                )
+        elif max_sequence_length is not None:
+            _check_positive_int("max_sequence_length", max_sequence_length)
+        super().__init__(dtype=dtype, **kwargs)
+
+        # === Layers ===
+        self.token_embedding = ReversibleEmbedding(
+            input_dim=vocabulary_size,
+            output_dim=hidden_dim,
+            tie_weights=tie_word_embeddings,
+            embeddings_initializer=keras.initializers.RandomNormal(stddev=0.02),
+            dtype=self.dtype_policy,
+            name="token_embedding",
+        )
+        self.position_embedding = None
+        if position_embedding == "learned":
+            self.position_embedding = PositionEmbedding(
+                sequence_length=max_sequence_length,
+                initializer=keras.initializers.RandomNormal(stddev=0.02),
+                dtype=self.dtype_policy,
+                name="position_embedding",
+            )
+        self.embeddings_dropout = keras.layers.Dropout(
+            dropout, dtype=self.dtype_policy, name="embeddings_dropout"
+        )
+        self.transformer_layers = []
+        for index in range(num_layers):
+            self.transformer_layers.append(
+                TransformerFAM(
+                    num_heads=num_heads,
+                    block_size=block_size,
+                    memory_segments=memory_segments,
+                    fam_length=fam_length,
+                    num_key_value_heads=num_key_value_heads,
+                    head_dim=head_dim,
+                    intermediate_dim=intermediate_dim,
+                    feedforward=feedforward,
+                    activation=activation,
+                    normalization=normalization,
+                    layer_norm_epsilon=layer_norm_epsilon,
+                    sandwich_norm=sandwich_norm,
+                    use_bias=use_bias,
+                    use_rope=position_embedding == "rope",
+                    rope_max_wavelength=rope_max_wavelength,
+                    rope_scaling_factor=rope_scaling_factor,
+                    query_scale=query_scale,
+                    logit_soft_cap=logit_soft_cap,
+                    dropout=dropout,
+                    learned_initial_fam=False,
+                    dtype=self.dtype_policy,
+                    name=f"transformer_layer_{index}",
+                )
+            )
+        if normalization == "layer_norm":
+            self.layer_norm = keras.layers.LayerNormalization(
+                epsilon=layer_norm_epsilon,
+                dtype=self.dtype_policy,
+                name="layer_norm",
+            )
+        else:
+            self.layer_norm = RMSNormalization(
+                epsilon=layer_norm_epsilon,
+                unit_offset=normalization == "rms_norm_unit_offset",
+                dtype=self.dtype_policy,
+                name="layer_norm",
+            )
+        self.state_passing = RandomStatePassing(
+            num_layers=num_layers,
+            fam_length=fam_length,
+            hidden_dim=hidden_dim,
+            probability=state_passing_probability,
+            seed=seed,
+            dtype=self.dtype_policy,
+            name="state_passing",
+        )
+        self.position_offset = RandomPositionOffset(
+            max_offset=(
+                rope_max_wavelength
+                if max_position_offset is None
+                else max_position_offset
+            ),
+            probability=position_offset_probability,
+            seed=None if seed is None else seed + 1,
+            dtype=self.dtype_policy,
+            name="position_offset",
+        )
+
+        # === Build ===
+        self.token_embedding.build((None, None))
+        sequence_shape = (None, None, hidden_dim)
+        if self.position_embedding is not None:
+            self.position_embedding.build(sequence_shape)
+        for layer in self.transformer_layers:
+            layer.build(sequence_shape)
+        self.layer_norm.build(sequence_shape)
+        self.state_passing.build()
+        self.fam_summary_embedding = self.add_weight(
+            name="fam_summary_embedding",
+            shape=(fam_length, hidden_dim),
+            initializer=keras.initializers.RandomNormal(stddev=0.02),
+        )
+        self.built = True
+
+        # === Config ===
+        self.vocabulary_size = vocabulary_size
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+        self.hidden_dim = hidden_dim
+        self.intermediate_dim = intermediate_dim
+        self.block_size = block_size
+        self.memory_segments = memory_segments
+        self.fam_length = fam_length
+        attention = self.transformer_layers[0].attention
+        self.num_key_value_heads = attention.num_key_value_heads
+        self.head_dim = attention.head_dim
+        self._head_dim_arg = head_dim
+        self._num_key_value_heads_arg = num_key_value_heads
+        self.feedforward = feedforward
+        self.activation = activation
+        self.normalization = normalization
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.sandwich_norm = sandwich_norm
+        self.use_bias = use_bias
+        self.position_embedding_type = position_embedding
+        self.max_sequence_length = max_sequence_length
+        self.rope_max_wavelength = rope_max_wavelength
+        self.rope_scaling_factor = rope_scaling_factor
+        self.query_scale = query_scale
+        self.logit_soft_cap = logit_soft_cap
+        self.final_logit_soft_cap = final_logit_soft_cap
+        self.embedding_scale = embedding_scale
+        self.tie_word_embeddings = tie_word_embeddings
+        self.dropout = dropout
+        self.state_passing_probability = state_passing_probability
+        self.position_offset_probability = position_offset_probability
+        self.max_position_offset = max_position_offset
+        self.seed = seed
+
+    # === Embedding and initial FAM ===
+
+    def embed(self, token_ids, start_index=0, training=None):
+        """Token ids `(B, T)` -> input of the first layer `(B, T, D)`.
+
+        `start_index` is the absolute position of the first token (used by
+        learned position embeddings).
+        """
+        x = self.token_embedding(token_ids)
+        if self.embedding_scale is not None:
+            x = x * ops.cast(self.embedding_scale, x.dtype)
+        if self.position_embedding is not None:
+            x = x + self.position_embedding(x, start_index=start_index)
+        return self.embeddings_dropout(x, training=training)
+
+    def initial_fams(self, batch_size, training=None):
+        """The initial FAM of every layer, `L` tensors `(B, F, D)`.
+
+        Propagates the summary embeddings through the layers as described in
+        the class docstring; all batch rows share them.
+        """
+        if not self.fam_length:
+            return [None] * self.num_layers
+        fam = ops.cast(self.fam_summary_embedding, self.compute_dtype)[None]
+        fams = []
+        for index, layer in enumerate(self.transformer_layers):
+            fams.append(fam)
+            if index + 1 < self.num_layers:
+                fam = _summary_step(layer, fam, training)
+        shape = (batch_size, self.fam_length, self.hidden_dim)
+        return [ops.broadcast_to(fam, shape) for fam in fams]
+
+    # === Forward pass (training, scoring) ===
+
+    def call(self, inputs, training=None):
+        token_ids, padding_mask = self._check_inputs(inputs)
+        batch_size = ops.shape(token_ids)[0]
+        x = self.embed(token_ids, training=training)
+        fams = self.initial_fams(batch_size, training=training)
+        fams = self.state_passing.select(fams, training=training)
+        offset = self.position_offset.sample(training=training)
+        final_fams = []
+        for layer, fam in zip(self.transformer_layers, fams, strict=True):
+            if isinstance(offset, int) and offset == 0:
+                x, final = layer(
+                    x,
+                    padding_mask=padding_mask,
+                    fam=fam,
+                    return_fam=True,
+                    training=training,
+                )
+            else:
+                state = layer.get_initial_state(
+                    batch_size, fam=fam, position_offset=offset
+                )
+                # A trace-time index keeps the layer on its fused block path.
+                state["index"] = np.array(0, "int32")
+                x, final = layer(
+                    x,
+                    padding_mask=padding_mask,
+                    state=state,
+                    return_fam=True,
+                    training=training,
+                )
+            final_fams.append(final)
+        self.state_passing.update(final_fams, training=training)
+        return self.layer_norm(x)
+
+    # === Streaming (generation, long documents) ===
+
+    def get_initial_state(self, batch_size, position_offset=0):
+        """A fresh streaming state: a tuple with one fixed-size state dict
+        per layer (see `TransformerFAM.get_initial_state`).
+
+        Args:
+            batch_size: int. Batch size.
+            position_offset: int or scalar tensor added to every RoPE
+                position. Defaults to `0` (inference).
+        """
+        fams = self.initial_fams(batch_size)
+        return tuple(
+            layer.get_initial_state(
+                batch_size, fam=fam, position_offset=position_offset
+            )
+            for layer, fam in zip(self.transformer_layers, fams, strict=True)
+        )
+
+    def stream(self, token_ids, state, padding_mask=None, training=None):
+        """Continue the sequence of `state` with `token_ids` `(B, C)`.
+
+        Any chunk length `C` at any position: whole blocks go through the
+        layers' fused block step, the rest token-exactly through their
+        streaming step. The result equals the matching rows of the full
+        forward pass.
+
+        Args:
+            token_ids: int tensor `(B, C)`.
+            state: from `get_initial_state()` or a previous `stream()`.
+            padding_mask: optional `(B, C)`, `1` for real tokens.
+            training: bool. Dropout.
+
+        Returns:
+            `(hidden_states, state)`: final-normed `(B, C, D)` and the new
+            state (same shapes as the old one).
+        """
+        token_ids, padding_mask = self._check_inputs(
+            {"token_ids": token_ids, "padding_mask": padding_mask}
+        )
+        self.check_state(state, ops.shape(token_ids)[0])
+        x = self.embed(token_ids, start_index=state[0]["index"])
+        new_state = []
+        for layer, layer_state in zip(
+            self.transformer_layers, state, strict=True
+        ):
+            x, layer_state = layer(
+                x,
+                padding_mask=padding_mask,
+                state=layer_state,
+                return_state=True,
+                training=training,
+            )
+            new_state.append(layer_state)
+        return self.layer_norm(x), tuple(new_state)
+
+    def prefill_blocks(self, token_ids, state, num_blocks):
+        """Feed the first `num_blocks` whole blocks of `token_ids` `(B, T)`
+        into a fresh `state`, one block per loop iteration.
+
+        `num_blocks` may be a run-time scalar (inside a compiled `generate`);
+        nothing that grows with `num_blocks` is materialised: each iteration
+        slices one block of token ids, embeds it and runs it through every
+        layer's fused block step.
+        """
+        size = self.block_size
+        batch_size = ops.shape(token_ids)[0]
+
+        def body(block, state):
+            start = block * size
+            ids = ops.slice(token_ids, (0, start), (batch_size, size))
+            x = self.embed(ids, start_index=start)
+            mask = ops.ones_like(ids, dtype="bool")
+            new_state = []
+            for layer, layer_state in zip(
+                self.transformer_layers, state, strict=True
+            ):
+                # The block starts at a run-time multiple of `block_size`:
+                # call the fused block step directly (the layer's own
+                # dispatcher would fall back to its token-by-token path).
+                x, layer_state = layer._run_blocks(x, mask, layer_state, False)
+                layer_state["index"] = ops.cast(layer_state["index"], "int32")
+                new_state.append(layer_state)
+            return block + 1, tuple(new_state)
+
+        _, state = ops.while_loop(
+            lambda block, state: block < num_blocks,
+            body,
+            (ops.convert_to_tensor(0, "int32"), state),
+        )
+        return state
+
+    def check_state(self, state, batch_size=None):
+        """Raises a `ValueError` unless `state` fits this backbone."""
+        if not isinstance(state, (tuple, list)) or len(state) != len(
+            self.transformer_layers
+        ):
+            received = (
+                f"a sequence of {len(state)} layer states"
+                if isinstance(state, (tuple, list))
+                else type(state).__name__
+            )
+            raise ValueError(
+                "`state` must hold one layer state per layer "
+                f"({self.num_layers}), as returned by "
+                "`get_initial_state()`; it comes from another model. "
+                f"Received: {received}"
+            )
+        if batch_size is None:
+            batch_size = ops.shape(state[0]["fam"])[0]
+        for layer, layer_state in zip(
+            self.transformer_layers, state, strict=True
+        ):
+            layer._check_state(layer_state, batch_size)
+            if (
+                self.fam_length
+                and tuple(layer_state["fam"].shape)[-1] != self.hidden_dim
+            ):
+                raise ValueError(
+                    "`state` comes from another model: its FAM width is "
+                    f"{tuple(layer_state['fam'].shape)[-1]}, this model's is "
+                    f"{self.hidden_dim}."
+                )
+
+    # === Input checks ===
+
+    def _check_inputs(self, inputs):
+        if not isinstance(inputs, dict) or "token_ids" not in inputs:
+            received = (
+                sorted(inputs) if isinstance(inputs, dict) else type(inputs)
+            )
+            raise ValueError(
+                "`inputs` must be a dict with keys 'token_ids' and "
+                f"'padding_mask'. Received: {received}"
+            )
+        token_ids = inputs["token_ids"]
+        if not hasattr(token_ids, "dtype"):
+            token_ids = ops.convert_to_tensor(token_ids)
+        dtype = keras.backend.standardize_dtype(token_ids.dtype)
+        if "int" not in dtype:
+            raise TypeError(
+                "`token_ids` must be an integer tensor. "
+                f"Received: token_ids.dtype={dtype}"
+            )
+        shape = tuple(token_ids.shape)
+        if len(shape) != 2:
+            raise ValueError(
+                "`token_ids` must have shape (batch, sequence). "
+                f"Received: token_ids.shape={shape}"
+            )
+        values = _concrete(token_ids)
+        if values is not None and values.size:
+            low, high = int(values.min()), int(values.max())
+            if low < 0 or high >= self.vocabulary_size:
+                raise ValueError(
+                    "`token_ids` must be in [0, vocabulary_size="
+                    f"{self.vocabulary_size}). Received: token_ids with "
+                    f"values in [{low}, {high}]"
+                )
+        padding_mask = inputs.get("padding_mask")
+        if padding_mask is None:
+            padding_mask = ops.ones_like(token_ids, dtype="bool")
+        else:
+            if not hasattr(padding_mask, "shape"):
+                padding_mask = ops.convert_to_tensor(padding_mask)
+            mask_shape = tuple(padding_mask.shape)
+            if len(mask_shape) != 2 or any(
+                a is not None and b is not None and a != b
+                for a, b in zip(mask_shape, shape, strict=True)
+            ):
+                raise ValueError(
+                    "`padding_mask` must have the shape of `token_ids` "
+                    f"{shape}. Received: padding_mask.shape={mask_shape}"
+                )
+            padding_mask = ops.cast(padding_mask, "bool")
+        if self.position_embedding is not None and shape[1] is not None:
+            if shape[1] > self.max_sequence_length:
+                raise ValueError(
+                    "With learned position embeddings a sequence may hold "
+                    f"at most max_sequence_length={self.max_sequence_length}"
+                    f" tokens. Received: token_ids.shape={shape}"
+                )
+        return token_ids, padding_mask
+
+    # === LoRA ===
+
+    def default_lora_layer_names(self):
+        """Attention projections and feedforward denses (the paper adapts
+        attention and feedforward layers)."""
+        return list(LORA_TARGETS)
+
+    def enable_lora(self, rank, target_layer_names=None, target_names=None):
+        """Enable Keras' LoRA on the attention and feedforward layers.
+
+        Freezes every weight except the LoRA factors and the summary
+        embeddings (see the class docstring for the trainable count).
+
+        Args:
+            rank: int. LoRA rank.
+            target_layer_names: list of sublayer names among
+                `default_lora_layer_names()`. Defaults to all of them.
+            target_names: alias of `target_layer_names`.
+        """
+        _check_positive_int("rank", rank)
+        if target_names is not None:
+            if target_layer_names is not None:
+                raise ValueError(
+                    "Pass `target_layer_names` or `target_names`, not both."
+                )
+            target_layer_names = target_names
+        if target_layer_names is not None:
+            unknown = sorted(set(target_layer_names) - set(LORA_TARGETS))
+            if unknown:
+                raise ValueError(
+                    f"`target_layer_names` must be among {LORA_TARGETS}. "
+                    f"Received unknown names: {unknown}"
+                )
+            target_layer_names = list(target_layer_names)
+        super().enable_lora(rank, target_layer_names=target_layer_names)
+
+    def save_lora_weights(self, filepath):
+        """Save the LoRA factors and the summary embeddings only
+        (`filepath` ends in `.lora.h5`)."""
+        super().save_lora_weights(filepath)
+        import h5py
+
+        with h5py.File(filepath, "a") as file:
+            file["fam/fam_summary_embedding"] = ops.convert_to_numpy(
+                self.fam_summary_embedding
+            )
+
+    def load_lora_weights(self, filepath):
+        """Load what `save_lora_weights` saved (enables LoRA if needed)."""
+        super().load_lora_weights(filepath)
+        import h5py
+
+        with h5py.File(filepath, "r") as file:
+            if "fam/fam_summary_embedding" in file:
+                value = file["fam/fam_summary_embedding"][()]
+                if value.shape != tuple(self.fam_summary_embedding.shape):
+                    raise ValueError(
+                        f"`filepath` {filepath} holds summary embeddings of "
+                        f"shape {value.shape}; this model's are "
+                        f"{tuple(self.fam_summary_embedding.shape)}."
+                    )
+                self.fam_summary_embedding.assign(value)
+
+    # === Config ===
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "vocabulary_size": self.vocabulary_size,
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+            "hidden_dim": self.hidden_dim,
+            "intermediate_dim": self.intermediate_dim,
+            "block_size": self.block_size,
+            "memory_segments": self.memory_segments,
+            "fam_length": self.fam_length,
+            "num_key_value_heads": self._num_key_value_heads_arg,
+            "head_dim": self._head_dim_arg,
+            "feedforward": self.feedforward,
+            "activation": self.activation,
+            "normalization": self.normalization,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+            "sandwich_norm": self.sandwich_norm,
+            "use_bias": self.use_bias,
+            "position_embedding": self.position_embedding_type,
+            "max_sequence_length": self.max_sequence_length,
+            "rope_max_wavelength": self.rope_max_wavelength,
+            "rope_scaling_factor": self.rope_scaling_factor,
+            "query_scale": self.query_scale,
+            "logit_soft_cap": self.logit_soft_cap,
+            "final_logit_soft_cap": self.final_logit_soft_cap,
+            "embedding_scale": self.embedding_scale,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "dropout": self.dropout,
+            "state_passing_probability": self.state_passing_probability,
+            "position_offset_probability": self.position_offset_probability,
+            "max_position_offset": self.max_position_offset,
+            "seed": self.seed,
+        }
+
+
+def _summary_step(layer, fam, training):
+    """Layer `layer`'s output on the summary rows `fam` `(1, F, D)` alone:
+    they attend to all of themselves, then the feedforward network; the
+    layer's own math (`_attend_and_feed`), i.e. its FAM update over an empty
+    block."""
+    positions = layer._fam_positions(0, 0)
+    hidden = layer.attention_norm(fam)
+    query = layer.attention.project_query(hidden, positions)
+    key, value = layer.attention.project_key_value(hidden, positions)
+    mask = ops.ones((1, layer.fam_length, layer.fam_length), dtype="bool")
+    return layer._attend_and_feed(fam, query, key, value, mask, None, training)
+
+
+def _concrete(tensor):
+    """The NumPy value of `tensor`, or `None` inside a traced function
+    (a JAX tracer or a symbolic TensorFlow tensor cannot be read)."""
+    if isinstance(tensor, np.ndarray):
+        return tensor
+    if isinstance(tensor, keras.KerasTensor):
+        return None
+    try:
+        return ops.convert_to_numpy(tensor)
+    except Exception:  # Traced: values are checked in eager calls only.
+        return None
+
+
+def _check_positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(
+            f"`{name}` must be a positive integer. Received: {name}={value!r}"
+        )
