@@ -214,15 +214,14 @@ class FAMBackbone(Backbone):
                 )
         elif max_sequence_length is not None:
             _check_positive_int("max_sequence_length", max_sequence_length)
-        super().__init__(dtype=dtype, **kwargs)
-
         # === Layers ===
+        policy = keras.dtype_policies.get(dtype or keras.config.dtype_policy())
         self.token_embedding = ReversibleEmbedding(
             input_dim=vocabulary_size,
             output_dim=hidden_dim,
             tie_weights=tie_word_embeddings,
             embeddings_initializer=keras.initializers.RandomNormal(stddev=0.02),
-            dtype=self.dtype_policy,
+            dtype=policy,
             name="token_embedding",
         )
         self.position_embedding = None
@@ -230,11 +229,11 @@ class FAMBackbone(Backbone):
             self.position_embedding = PositionEmbedding(
                 sequence_length=max_sequence_length,
                 initializer=keras.initializers.RandomNormal(stddev=0.02),
-                dtype=self.dtype_policy,
+                dtype=policy,
                 name="position_embedding",
             )
         self.embeddings_dropout = keras.layers.Dropout(
-            dropout, dtype=self.dtype_policy, name="embeddings_dropout"
+            dropout, dtype=policy, name="embeddings_dropout"
         )
         self.transformer_layers = []
         for index in range(num_layers):
@@ -260,21 +259,21 @@ class FAMBackbone(Backbone):
                     logit_soft_cap=logit_soft_cap,
                     dropout=dropout,
                     learned_initial_fam=False,
-                    dtype=self.dtype_policy,
+                    dtype=policy,
                     name=f"transformer_layer_{index}",
                 )
             )
         if normalization == "layer_norm":
             self.layer_norm = keras.layers.LayerNormalization(
                 epsilon=layer_norm_epsilon,
-                dtype=self.dtype_policy,
+                dtype=policy,
                 name="layer_norm",
             )
         else:
             self.layer_norm = RMSNormalization(
                 epsilon=layer_norm_epsilon,
                 unit_offset=normalization == "rms_norm_unit_offset",
-                dtype=self.dtype_policy,
+                dtype=policy,
                 name="layer_norm",
             )
         self.state_passing = RandomStatePassing(
@@ -283,7 +282,7 @@ class FAMBackbone(Backbone):
             hidden_dim=hidden_dim,
             probability=state_passing_probability,
             seed=seed,
-            dtype=self.dtype_policy,
+            dtype=policy,
             name="state_passing",
         )
         self.position_offset = RandomPositionOffset(
@@ -294,7 +293,7 @@ class FAMBackbone(Backbone):
             ),
             probability=position_offset_probability,
             seed=None if seed is None else seed + 1,
-            dtype=self.dtype_policy,
+            dtype=policy,
             name="position_offset",
         )
 
@@ -307,6 +306,35 @@ class FAMBackbone(Backbone):
             layer.build(sequence_shape)
         self.layer_norm.build(sequence_shape)
         self.state_passing.build()
+
+        # === Functional Model ===
+        # KerasHub backbones are functional models (KerasHub turns the base
+        # class functional for the whole process as soon as any of its models
+        # is built); the graph holds the stack, `call` below adds the FAM.
+        token_id_input = keras.Input(
+            shape=(None,), dtype="int32", name="token_ids"
+        )
+        padding_mask_input = keras.Input(
+            shape=(None,), dtype="int32", name="padding_mask"
+        )
+        x = self.token_embedding(token_id_input)
+        if self.position_embedding is not None:
+            x = x + self.position_embedding(x)
+        x = self.embeddings_dropout(x)
+        for layer in self.transformer_layers:
+            x = layer(x, padding_mask=padding_mask_input)
+        super().__init__(
+            inputs={
+                "token_ids": token_id_input,
+                "padding_mask": padding_mask_input,
+            },
+            outputs=self.layer_norm(x),
+            dtype=dtype,
+            **kwargs,
+        )
+        # Track the layers outside the graph.
+        self.state_passing = self.state_passing
+        self.position_offset = self.position_offset
         self.fam_summary_embedding = self.add_weight(
             name="fam_summary_embedding",
             shape=(fam_length, hidden_dim),
@@ -348,6 +376,15 @@ class FAMBackbone(Backbone):
         self.position_offset_probability = position_offset_probability
         self.max_position_offset = max_position_offset
         self.seed = seed
+
+    @property
+    def input_spec(self):
+        # `call` checks its own inputs: `padding_mask` may be left out.
+        return None
+
+    @input_spec.setter
+    def input_spec(self, value):
+        pass
 
     # === Embedding and initial FAM ===
 
