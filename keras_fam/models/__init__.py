@@ -2,5 +2,9 @@
 `pip install keras-fam[hub]`)."""
 
 from keras_fam.models.fam_backbone import FAMBackbone
+from keras_fam.models.fam_causal_lm import FAMCausalLM
+from keras_fam.models.fam_causal_lm_preprocessor import (
+    FAMCausalLMPreprocessor,
+)
 
-__all__ = ["FAMBackbone"]
+__all__ = ["FAMBackbone", "FAMCausalLM", "FAMCausalLMPreprocessor"]

@@ -1,0 +1,332 @@
+"""FAMCausalLM: a KerasHub causal language model with a constant-size cache.
+
+Shape letters: B batch, T tokens, D width, V vocabulary.
+
+References:
+    Hwang et al., "TransformerFAM: Feedback attention is working memory",
+    arXiv 2404.09173.
+"""
+
+import keras
+import numpy as np
+from keras import ops
+from keras_hub.models import CausalLM
+
+from keras_fam.models.fam_backbone import FAMBackbone
+from keras_fam.models.fam_causal_lm_preprocessor import (
+    FAMCausalLMPreprocessor,
+)
+
+
+@keras.saving.register_keras_serializable(package="keras_fam")
+class FAMCausalLM(CausalLM):
+    """End-to-end TransformerFAM model for causal language modeling.
+
+    `model.fit` trains next-token prediction on the full sequence (the
+    backbone's fused block path); `generate()` samples with any KerasHub
+    sampler that uses the base `Sampler` loop (`"greedy"`, `"top_k"`,
+    `"top_p"`, `"random"`; not beam or contrastive search).
+
+    The generation cache is the backbone's streaming state: for each layer
+    the keys/values of the last `memory_segments` blocks, the current block
+    and the FAM. Its size does not depend on the position, and the FAM
+    update at a block boundary happens inside the compiled generation loop
+    (`ops.cond` in the layer's one-token step). Per-token cost is constant.
+
+    Prefill: KerasHub pads prompts to `max_length` and the sampler starts at
+    the shortest prompt's end. `generate_step` feeds the whole blocks before
+    that point with a loop over blocks (one block of token ids sliced,
+    embedded and run through every layer per iteration), so besides the
+    token ids (`(B, max_length)`, which KerasHub's `generate` owns) nothing
+    grows with the prompt. The remaining prompt tokens (fewer than
+    `block_size`) go through the sampler loop one at a time; the sampler keeps
+    prompt tokens where `padding_mask` is true. Prompts must hold at least
+    one token (for example a start token).
+
+    `max_length`: with a preprocessor it is the packed length (a
+    `ValueError` if a tokenized prompt is longer); without one, prompts are
+    padded (or trimmed of padding) to it, and a `ValueError` is raised if a
+    prompt is longer.
+
+    Args:
+        backbone: a `keras_fam.models.FAMBackbone`.
+        preprocessor: a `keras_fam.models.FAMCausalLMPreprocessor` (or any
+            KerasHub `CausalLMPreprocessor`) or `None`.
+        **kwargs: `keras_hub.models.CausalLM` arguments.
+
+    Example:
+
+    >>> backbone = FAMBackbone(vocabulary_size=100, num_layers=2,
+    ...     num_heads=2, hidden_dim=16, intermediate_dim=32, block_size=8,
+    ...     memory_segments=1, fam_length=2)
+    >>> lm = FAMCausalLM(backbone)
+    >>> prompt = {"token_ids": np.array([[1, 5, 7]]),
+    ...           "padding_mask": np.array([[1, 1, 1]])}
+    >>> out = lm.generate(prompt, max_length=40, stop_token_ids=None)
+
+    References:
+        Hwang et al., "TransformerFAM: Feedback attention is working
+        memory", arXiv 2404.09173.
+    """
+
+    backbone_cls = FAMBackbone
+    preprocessor_cls = FAMCausalLMPreprocessor
+
+    def __init__(self, backbone, preprocessor=None, **kwargs):
+        if not isinstance(backbone, FAMBackbone):
+            raise ValueError(
+                "`backbone` must be a `keras_fam.models.FAMBackbone`. "
+                f"Received: backbone={type(backbone).__name__}"
+            )
+        # === Layers ===
+        self.backbone = backbone
+        self.preprocessor = preprocessor
+
+        # === Functional Model ===
+        # Functional, as KerasHub's tasks are: KerasHub resets and re-injects
+        # the `Functional` base of its task classes whenever a task is built,
+        # so a subclassed task would break every live KerasHub task (and
+        # vice versa). `call` below computes the same thing.
+        inputs = backbone.input
+        hidden_states = backbone(inputs)
+        outputs = self.logits(hidden_states)
+        super().__init__(
+            inputs=inputs,
+            outputs=outputs,
+            dtype=backbone.dtype_policy,
+            **kwargs,
+        )
+
+    @classmethod
+    def from_preset(cls, preset, load_weights=True, **kwargs):
+        """A FAM causal LM from a KerasHub preset.
+
+        A FAM preset (saved by `save_to_preset`) loads as is; a preset of a
+        supported family (Gemma, Gemma 2, Llama, Llama 3, Mistral, GPT-2) is
+        loaded with KerasHub's own loaders and converted, reusing its weights
+        and its own preprocessor and tokenizer (see
+        `keras_fam.models.presets`).
+
+        Args:
+            preset: str. A built-in preset name, a local directory,
+                `kaggle://` or `hf://` handle.
+            load_weights: bool. Load (and convert) the weights.
+            **kwargs: `dtype`, `preprocessor`, and FAM or training
+                arguments that override the preset's (`block_size`,
+                `memory_segments`, `fam_length`, `dropout` ...).
+        """
+        from keras_fam.models import presets
+
+        return presets.causal_lm_from_preset(
+            cls, preset, load_weights=load_weights, **kwargs
+        )
+
+    def compile(
+        self,
+        optimizer="auto",
+        loss="auto",
+        *,
+        weighted_metrics="auto",
+        sampler="greedy",
+        **kwargs,
+    ):
+        super().compile(
+            optimizer=optimizer,
+            loss=loss,
+            weighted_metrics=weighted_metrics,
+            sampler=sampler,
+            **kwargs,
+        )
+
+    # === Forward pass ===
+
+    def call(self, inputs, training=None):
+        hidden_states = self.backbone(inputs, training=training)
+        return self.logits(hidden_states)
+
+    def logits(self, hidden_states):
+        """Final hidden states `(B, T, D)` -> logits `(B, T, V)` (tied or
+        untied output embedding, Gemma 2 final soft cap)."""
+        logits = self.backbone.token_embedding(hidden_states, reverse=True)
+        cap = self.backbone.final_logit_soft_cap
+        if cap is not None:
+            logits = ops.tanh(logits / cap) * cap
+        return logits
+
+    # === Generation ===
+
+    def call_with_cache(self, token_ids, cache):
+        """Continue the cached sequence with `token_ids` `(B, C)`.
+
+        Unlike KerasHub's attention caches there is no `cache_update_index`
+        argument: the position is part of the cache, which only moves
+        forward.
+
+        Args:
+            token_ids: int tensor `(B, C)`, any `C`.
+            cache: from `_build_cache` or `backbone.get_initial_state`.
+
+        Returns:
+            `(logits, hidden_states, cache)`.
+        """
+        hidden_states, cache = self.backbone.stream(token_ids, cache)
+        return self.logits(hidden_states), hidden_states, cache
+
+    def _build_cache(self, token_ids, padding_mask):
+        """A cache holding every whole block before the shortest prompt's
+        last token, and the index at which the sampler starts."""
+        block_size = self.backbone.block_size
+        batch_size = ops.shape(token_ids)[0]
+        row_lengths = ops.sum(ops.cast(padding_mask, "int32"), axis=-1)
+        shortest = ops.maximum(ops.min(row_lengths), 1)
+        num_blocks = (shortest - 1) // block_size
+        cache = self.backbone.get_initial_state(batch_size)
+        cache = self.backbone.prefill_blocks(token_ids, cache, num_blocks)
+        return cache, num_blocks * block_size + 1
+
+    def generate_step(self, inputs, stop_token_ids=None):
+        """A compilable generation function for one batch.
+
+        Args:
+            inputs: dict with `"token_ids"` and `"padding_mask"` `(B, T)`.
+            stop_token_ids: tuple of token ids that end a row.
+        """
+        token_ids = inputs["token_ids"]
+        padding_mask = ops.cast(inputs["padding_mask"], "bool")
+        cache, index = self._build_cache(token_ids, padding_mask)
+
+        def next(prompt, cache, index):
+            batch_size = ops.shape(prompt)[0]
+            token = ops.slice(prompt, (0, index - 1), (batch_size, 1))
+            logits, hidden_states, cache = self.call_with_cache(token, cache)
+            return (
+                ops.squeeze(logits, axis=1),
+                ops.squeeze(hidden_states, axis=1),
+                cache,
+            )
+
+        token_ids = self.sampler(
+            next=next,
+            prompt=token_ids,
+            cache=cache,
+            index=index,
+            mask=padding_mask,
+            stop_token_ids=stop_token_ids,
+            model=self,
+        )
+        if stop_token_ids is not None:
+            end_locations = ops.logical_and(
+                _any_equal(token_ids, stop_token_ids),
+                ops.logical_not(padding_mask),
+            )
+            end_locations = ops.cast(end_locations, "int32")
+            cumsum = ops.cast(ops.cumsum(end_locations, axis=-1), "int32")
+            padding_mask = ops.logical_not(
+                ops.cast(cumsum - end_locations, "bool")
+            )
+        else:
+            padding_mask = ops.ones_like(token_ids, dtype="bool")
+        return {"token_ids": token_ids, "padding_mask": padding_mask}
+
+    def generate(
+        self,
+        inputs,
+        max_length=None,
+        stop_token_ids="auto",
+        strip_prompt=False,
+    ):
+        """Generate from prompts; see `keras_hub.models.CausalLM.generate`.
+
+        Without a preprocessor, `inputs` is a dict of `"token_ids"` and
+        `"padding_mask"` (or an int array of token ids, all real), and
+        `max_length`, when given, pads them.
+        """
+        if max_length is not None:
+            if isinstance(max_length, bool) or not isinstance(
+                max_length, (int, np.integer)
+            ):
+                raise ValueError(
+                    "`max_length` must be a positive integer. "
+                    f"Received: max_length={max_length!r}"
+                )
+            if max_length < 1:
+                raise ValueError(
+                    "`max_length` must be a positive integer. "
+                    f"Received: max_length={max_length}"
+                )
+        if self.preprocessor is None:
+            if not _is_dataset(inputs):
+                inputs = self._pad_prompt(inputs, max_length)
+        elif max_length is not None and not _is_dataset(inputs):
+            self._check_prompt_fits(inputs, max_length)
+        return super().generate(
+            inputs,
+            max_length=max_length,
+            stop_token_ids=stop_token_ids,
+            strip_prompt=strip_prompt,
+        )
+
+    def _pad_prompt(self, inputs, max_length):
+        if not isinstance(inputs, dict):
+            inputs = {"token_ids": inputs}
+        token_ids = np.asarray(ops.convert_to_numpy(inputs["token_ids"]))
+        if token_ids.ndim == 1:
+            token_ids = token_ids[None]
+        mask = inputs.get("padding_mask")
+        if mask is None:
+            mask = np.ones(token_ids.shape, bool)
+        mask = np.asarray(ops.convert_to_numpy(mask)).astype(bool)
+        if mask.ndim == 1:
+            mask = mask[None]
+        self.backbone._check_inputs(
+            {"token_ids": token_ids, "padding_mask": mask}
+        )
+        if max_length is not None:
+            longest = int(mask.sum(axis=-1).max()) if mask.size else 0
+            if max_length < longest:
+                raise ValueError(
+                    "`max_length` must be at least the prompt length "
+                    f"{longest}. Received: max_length={max_length}"
+                )
+            width = token_ids.shape[1]
+            if width < max_length:
+                pad = ((0, 0), (0, max_length - width))
+                token_ids = np.pad(token_ids, pad)
+                mask = np.pad(mask, pad)
+            token_ids, mask = token_ids[:, :max_length], mask[:, :max_length]
+        return {"token_ids": token_ids.astype("int32"), "padding_mask": mask}
+
+    def _check_prompt_fits(self, inputs, max_length):
+        prompts = inputs if isinstance(inputs, (list, tuple)) else [inputs]
+        if isinstance(inputs, dict) or not all(
+            isinstance(p, str) for p in prompts
+        ):
+            return
+        tokenizer = self.preprocessor.tokenizer
+        extra = int(bool(getattr(self.preprocessor, "add_start_token", 0)))
+        for prompt in prompts:
+            length = len(_to_list(tokenizer(prompt))) + extra
+            if length > max_length:
+                raise ValueError(
+                    "`max_length` must be at least the tokenized prompt "
+                    f"length {length}. Received: max_length={max_length}"
+                )
+
+
+def _any_equal(token_ids, values):
+    found = ops.equal(token_ids, values[0])
+    for value in values[1:]:
+        found = ops.logical_or(found, ops.equal(token_ids, value))
+    return found
+
+
+def _is_dataset(inputs):
+    return type(inputs).__name__.endswith("Dataset")
+
+
+def _to_list(tokens):
+    if hasattr(tokens, "numpy"):
+        tokens = tokens.numpy()
+    if hasattr(tokens, "tolist"):
+        tokens = tokens.tolist()
+    return list(tokens)
