@@ -638,6 +638,101 @@ class FAMBackbone(Backbone):
                 )
         return token_ids, padding_mask
 
+    # === Distribution ===
+
+    @classmethod
+    def get_layout_map(
+        cls,
+        device_mesh,
+        model_parallel_dim_name="model",
+        data_parallel_dim_name="batch",
+    ):
+        """A `keras.distribution.LayoutMap` for `ModelParallel` training.
+
+        The sharding of KerasHub's `LlamaBackbone.get_layout_map` (the Gemma
+        team's training configuration), on this backbone's weight paths:
+
+        ```
+        weight (shape)                                layout
+        token_embedding/embeddings (V, D)             (model, batch)
+        token_embedding/reverse_embeddings (D, V)     (batch, model)
+        .../attention/{query,key,value}/kernel (D, N, H)
+                                                      (model, batch, None)
+        .../attention/attention_output/kernel (N, H, D)
+                                                      (model, None, batch)
+        .../feedforward_{intermediate,gate}_dense/kernel (D, I)
+                                                      (batch, model)
+        .../feedforward_output_dense/kernel (I, D)    (model, batch)
+        ```
+
+        Everything else (norms, biases, the `(F, D)` summary embeddings,
+        LoRA factors, the Random State Passing variables) is replicated.
+        Each sharded dimension must divide by the size of its mesh axis
+        (with grouped-query attention, `num_key_value_heads` by the data
+        axis).
+
+        Args:
+            device_mesh: `keras.distribution.DeviceMesh`.
+            model_parallel_dim_name: str. Mesh axis the weights are split
+                on. Defaults to `"model"`.
+            data_parallel_dim_name: str. Mesh axis the batch is split on.
+                Defaults to `"batch"`.
+
+        Returns:
+            A `keras.distribution.LayoutMap`.
+
+        Example:
+
+        >>> mesh = keras.distribution.DeviceMesh(
+        ...     (1, 2), ("batch", "model"), keras.distribution.list_devices())
+        >>> distribution = keras.distribution.ModelParallel(
+        ...     layout_map=FAMBackbone.get_layout_map(mesh),
+        ...     batch_dim_name="batch")
+        >>> with distribution.scope():
+        ...     backbone = FAMBackbone(...)
+        """
+        if not isinstance(device_mesh, keras.distribution.DeviceMesh):
+            raise ValueError(
+                "`device_mesh` must be a `keras.distribution.DeviceMesh`. "
+                f"Received: device_mesh={type(device_mesh).__name__}"
+            )
+        for name, value in (
+            ("model_parallel_dim_name", model_parallel_dim_name),
+            ("data_parallel_dim_name", data_parallel_dim_name),
+        ):
+            if value not in device_mesh.axis_names:
+                raise ValueError(
+                    f"`{name}` must be one of the mesh axis names "
+                    f"{list(device_mesh.axis_names)}. "
+                    f"Received: {name}={value!r}"
+                )
+        model_dim, data_dim = model_parallel_dim_name, data_parallel_dim_name
+        layout_map = keras.distribution.LayoutMap(device_mesh)
+        layout_map["token_embedding/embeddings"] = (model_dim, data_dim)
+        layout_map["token_embedding/reverse_embeddings"] = (data_dim, model_dim)
+        layout_map["transformer_layer.*attention.*(query|key|value).kernel"] = (
+            model_dim,
+            data_dim,
+            None,
+        )
+        layout_map["transformer_layer.*attention_output.kernel"] = (
+            model_dim,
+            None,
+            data_dim,
+        )
+        for name in ("intermediate", "gate"):
+            layout_map[
+                f"transformer_layer.*feedforward_{name}_dense.kernel"
+            ] = (
+                data_dim,
+                model_dim,
+            )
+        layout_map["transformer_layer.*feedforward_output_dense.kernel"] = (
+            model_dim,
+            data_dim,
+        )
+        return layout_map
+
     # === LoRA ===
 
     def default_lora_layer_names(self):
