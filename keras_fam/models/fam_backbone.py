@@ -106,6 +106,9 @@ class FAMBackbone(Backbone):
             table. Defaults to `None`.
         rope_max_wavelength: float. RoPE base. Defaults to `10000`.
         rope_scaling_factor: float. Linear RoPE scaling. Defaults to `1.0`.
+        rope_frequency_scaling: `None` or a dict of Llama 3.1 RoPE frequency
+            scaling (`factor`, `low_freq_factor`, `high_freq_factor`,
+            `original_max_position_embeddings`). Defaults to `None`.
         query_scale: float or `None`. Attention logit scale. Defaults to
             `head_dim ** -0.5`.
         logit_soft_cap: float or `None`. Attention logit soft cap. Defaults
@@ -173,6 +176,7 @@ class FAMBackbone(Backbone):
         max_sequence_length=None,
         rope_max_wavelength=10000,
         rope_scaling_factor=1.0,
+        rope_frequency_scaling=None,
         query_scale=None,
         logit_soft_cap=None,
         final_logit_soft_cap=None,
@@ -255,6 +259,7 @@ class FAMBackbone(Backbone):
                     use_rope=position_embedding == "rope",
                     rope_max_wavelength=rope_max_wavelength,
                     rope_scaling_factor=rope_scaling_factor,
+                    rope_frequency_scaling=rope_frequency_scaling,
                     query_scale=query_scale,
                     logit_soft_cap=logit_soft_cap,
                     dropout=dropout,
@@ -366,6 +371,7 @@ class FAMBackbone(Backbone):
         self.max_sequence_length = max_sequence_length
         self.rope_max_wavelength = rope_max_wavelength
         self.rope_scaling_factor = rope_scaling_factor
+        self.rope_frequency_scaling = rope_frequency_scaling
         self.query_scale = query_scale
         self.logit_soft_cap = logit_soft_cap
         self.final_logit_soft_cap = final_logit_soft_cap
@@ -376,6 +382,29 @@ class FAMBackbone(Backbone):
         self.position_offset_probability = position_offset_probability
         self.max_position_offset = max_position_offset
         self.seed = seed
+
+    @classmethod
+    def from_preset(cls, preset, load_weights=True, **kwargs):
+        """A FAM backbone from a KerasHub preset.
+
+        A FAM preset (saved by `save_to_preset`) loads as is; a preset of a
+        supported family (Gemma, Gemma 2, Llama, Llama 3, Mistral, GPT-2) is
+        loaded with KerasHub's own loader and converted, reusing its weights
+        (see `keras_fam.models.presets`).
+
+        Args:
+            preset: str. A built-in preset name, a local directory,
+                `kaggle://` or `hf://` handle.
+            load_weights: bool. Load (and convert) the weights.
+            **kwargs: `dtype`, and FAM or training arguments that override
+                the preset's (`block_size`, `memory_segments`, `fam_length`,
+                `dropout` ...).
+        """
+        from keras_fam.models import presets
+
+        return presets.backbone_from_preset(
+            cls, preset, load_weights=load_weights, **kwargs
+        )
 
     @property
     def input_spec(self):
@@ -821,6 +850,7 @@ class FAMBackbone(Backbone):
             "max_sequence_length": self.max_sequence_length,
             "rope_max_wavelength": self.rope_max_wavelength,
             "rope_scaling_factor": self.rope_scaling_factor,
+            "rope_frequency_scaling": self.rope_frequency_scaling,
             "query_scale": self.query_scale,
             "logit_soft_cap": self.logit_soft_cap,
             "final_logit_soft_cap": self.final_logit_soft_cap,
