@@ -1,0 +1,319 @@
+"""Streaming long documents through a FAM model with one fixed-size state.
+
+`FAMState` holds a `FAMBackbone`'s streaming state (one fixed-size dict per
+layer, see `TransformerFAM.get_initial_state`) together with a signature of
+the configuration that made it, and saves to / loads from a NumPy `.npz` file
+bit for bit. `FAMStreamer` feeds token chunks of any length through a
+`FAMCausalLM` or `FAMBackbone`, returns logits or hidden states, keeps the
+state, and shows a progress bar on long runs. Resuming from a saved state
+gives bit-identical outputs to never having stopped.
+
+Shape letters: B batch, C chunk length, D width, V vocabulary.
+"""
+
+import json
+
+import keras
+import numpy as np
+from keras import ops
+
+SIGNATURE_KEYS = (
+    "vocabulary_size",
+    "num_layers",
+    "num_heads",
+    "hidden_dim",
+    "intermediate_dim",
+    "block_size",
+    "memory_segments",
+    "fam_length",
+    "num_key_value_heads",
+    "head_dim",
+    "position_embedding",
+)
+OUTPUTS = ("logits", "hidden_states", "last_logits", None)
+
+
+def model_signature(backbone):
+    """The configuration a state depends on, as a JSON string."""
+    config = backbone.get_config()
+    signature = {key: config.get(key) for key in SIGNATURE_KEYS}
+    signature["class"] = type(backbone).__name__
+    return json.dumps(signature, sort_keys=True)
+
+
+class FAMState:
+    """The streaming state of a `FAMBackbone`, savable to disk.
+
+    Args:
+        layers: tuple with one state dict per layer, as returned by
+            `FAMBackbone.get_initial_state()` or `FAMBackbone.stream()`.
+        signature: str from `model_signature(backbone)`.
+
+    Example:
+
+    >>> state = FAMState.initial(backbone, batch_size=1)
+    >>> state.save("doc.npz")
+    >>> state = FAMState.load("doc.npz")
+    """
+
+    def __init__(self, layers, signature):
+        self.layers = tuple(layers)
+        self.signature = signature
+
+    @classmethod
+    def initial(cls, backbone, batch_size=1):
+        """A fresh state for `backbone`."""
+        return cls(
+            backbone.get_initial_state(batch_size), model_signature(backbone)
+        )
+
+    @property
+    def position(self):
+        """Number of tokens this state has seen."""
+        return int(ops.convert_to_numpy(self.layers[0]["index"]))
+
+    @property
+    def batch_size(self):
+        return int(self.layers[0]["block_mask"].shape[0])
+
+    @property
+    def nbytes(self):
+        """Size in bytes (constant: independent of `position`)."""
+        return sum(
+            int(np.prod(value.shape)) * np.dtype(_numpy_dtype(value)).itemsize
+            for layer in self.layers
+            for value in layer.values()
+        )
+
+    def check_model(self, backbone):
+        """Raises a `ValueError` if this state was made by a model with a
+        different configuration."""
+        expected = model_signature(backbone)
+        if self.signature != expected:
+            raise ValueError(
+                "`state` comes from another model. This model: "
+                f"{expected}. Received: state of {self.signature}"
+            )
+        backbone.check_state(self.layers, self.batch_size)
+
+    def save(self, path):
+        """Save to a `.npz` file (bit-exact)."""
+        arrays, dtypes = {}, {}
+        for index, layer in enumerate(self.layers):
+            for name, value in layer.items():
+                key = f"layer_{index}/{name}"
+                dtypes[key] = keras.backend.standardize_dtype(value.dtype)
+                array = np.asarray(ops.convert_to_numpy(value))
+                if dtypes[key] == "bfloat16":  # NumPy has no bfloat16.
+                    array = array.astype("float32")
+                arrays[key] = array
+        meta = {
+            "signature": self.signature,
+            "dtypes": dtypes,
+            "num_layers": len(self.layers),
+        }
+        arrays["__meta__"] = np.asarray(json.dumps(meta))
+        with open(path, "wb") as file:
+            np.savez(file, **arrays)
+
+    @classmethod
+    def load(cls, path):
+        """Load a state saved by `save`."""
+        with np.load(path, allow_pickle=False) as data:
+            if "__meta__" not in data:
+                raise ValueError(
+                    f"`path` is not a saved FAMState. Received: path={path}"
+                )
+            meta = json.loads(str(data["__meta__"]))
+            layers = []
+            for index in range(meta["num_layers"]):
+                prefix = f"layer_{index}/"
+                layer = {}
+                for key, dtype in meta["dtypes"].items():
+                    if key.startswith(prefix):
+                        name = key[len(prefix) :]
+                        layer[name] = ops.convert_to_tensor(
+                            data[key].astype(
+                                "float32" if dtype == "bfloat16" else dtype
+                            )
+                        )
+                        if dtype == "bfloat16":
+                            layer[name] = ops.cast(layer[name], dtype)
+                layers.append(layer)
+        return cls(layers, meta["signature"])
+
+
+class FAMStreamer:
+    """Feed a long token stream through a FAM model, chunk by chunk.
+
+    `feed` accepts any number of tokens. Tokens up to the next block
+    boundary and after the last whole block go through a compiled one-token
+    step, every whole block through a compiled one-block step (the layers'
+    fused block computation); each step is compiled once (Keras'
+    `predict_on_batch`: `jit` on JAX, `tf.function` on TensorFlow) and
+    reused however long the stream is. Memory stays constant unless the
+    outputs themselves are kept (`output="logits"` or `"hidden_states"`).
+
+    Outputs are bit-identical for the same sequence of `feed` calls whether
+    or not the state went through `save`/`load` in between; a different
+    split of the same tokens into `feed` calls agrees to float rounding.
+
+    Args:
+        model: a `keras_fam.models.FAMCausalLM` (logits available) or a
+            `keras_fam.models.FAMBackbone` (hidden states only).
+        batch_size: int. Number of parallel streams. Defaults to `1`.
+        state: optional `FAMState` to resume from (for example
+            `FAMState.load(path)`). Defaults to a fresh state.
+        output: `"logits"`, `"hidden_states"`, `"last_logits"` (only the
+            logits of the last token: constant memory however long the
+            stream) or `None` (nothing kept). Defaults to `"logits"`.
+
+    Example:
+
+    >>> streamer = FAMStreamer(causal_lm, output="last_logits")
+    >>> logits = streamer.feed(token_ids[:, :100_000], verbose=1)
+    >>> streamer.state.save("book.npz")
+    >>> resumed = FAMStreamer(causal_lm, state=FAMState.load("book.npz"))
+    """
+
+    def __init__(self, model, batch_size=1, state=None, output="logits"):
+        backbone = getattr(model, "backbone", model)
+        if not hasattr(backbone, "stream"):
+            raise ValueError(
+                "`model` must be a FAMCausalLM or a FAMBackbone. "
+                f"Received: model={type(model).__name__}"
+            )
+        if output not in OUTPUTS:
+            raise ValueError(
+                f"`output` must be one of {OUTPUTS}. "
+                f"Received: output={output!r}"
+            )
+        if output in ("logits", "last_logits") and backbone is model:
+            raise ValueError(
+                f"`output={output!r}` needs a FAMCausalLM; a backbone gives "
+                "`output='hidden_states'` or `None`."
+            )
+        self.model = model
+        self.backbone = backbone
+        self.output = output
+        if state is None:
+            state = FAMState.initial(backbone, batch_size)
+        elif not isinstance(state, FAMState):
+            raise ValueError(
+                "`state` must be a FAMState. "
+                f"Received: state={type(state).__name__}"
+            )
+        state.check_model(backbone)
+        self.state = state
+        logits = None if backbone is model else model.logits
+        self._block_step = _StreamStep(backbone, logits, output, blocks=True)
+        self._token_step = _StreamStep(backbone, logits, output, blocks=False)
+
+    def reset(self):
+        """Start a new stream (fresh state)."""
+        self.state = FAMState.initial(self.backbone, self.state.batch_size)
+
+    def feed(self, token_ids, verbose="auto"):
+        """Feed `token_ids` `(B, T)` (any `T`) and advance the state.
+
+        Args:
+            token_ids: int array `(B, T)`.
+            verbose: `"auto"` (a progress bar when `T` spans more than one
+                block), `0` or `1`.
+
+        Returns:
+            NumPy `(B, T, V)` logits, `(B, T, D)` hidden states, `(B, V)`
+            last logits, or `None`, depending on `output`.
+        """
+        token_ids = np.asarray(ops.convert_to_numpy(token_ids))
+        if token_ids.ndim != 2 or token_ids.shape[0] != self.state.batch_size:
+            raise ValueError(
+                "`token_ids` must have shape (batch_size="
+                f"{self.state.batch_size}, tokens). "
+                f"Received: token_ids.shape={token_ids.shape}"
+            )
+        self.backbone._check_inputs({"token_ids": token_ids})
+        token_ids = token_ids.astype("int32")
+        length, size = token_ids.shape[1], self.backbone.block_size
+        if verbose == "auto":
+            verbose = int(length > size)
+        progress = keras.utils.Progbar(length, unit_name="token")
+        position = self.state.position
+        head = min((-position) % size, length)
+        whole = (length - head) // size * size
+        steps = [(start, 1) for start in range(head)]
+        steps += [(start, size) for start in range(head, head + whole, size)]
+        steps += [(start, 1) for start in range(head + whole, length)]
+        layers, outputs, last = self.state.layers, [], None
+        for start, width in steps:
+            step = self._block_step if width == size else self._token_step
+            result = step.predict_on_batch(
+                {
+                    "token_ids": token_ids[:, start : start + width],
+                    "state": layers,
+                }
+            )
+            layers = tuple(result["state"])
+            if self.output in ("logits", "hidden_states"):
+                outputs.append(result["outputs"])
+            elif self.output == "last_logits":
+                last = result["outputs"]
+            if verbose:
+                progress.update(start + width)
+        self.state = FAMState(layers, self.state.signature)
+        if self.output in ("logits", "hidden_states"):
+            return np.concatenate(outputs, axis=1) if outputs else None
+        if self.output == "last_logits" and last is not None:
+            return last[:, -1]
+        return None
+
+
+class _StreamStep(keras.Model):
+    """One compiled streaming step: a whole block at a block boundary
+    (`blocks=True`, the layers' fused block step) or one token (the
+    layers' streaming step, FAM update under `ops.cond`)."""
+
+    def __init__(self, backbone, logits, output, blocks):
+        super().__init__()
+        self.backbone = backbone
+        self._logits = logits
+        self._output = output
+        self._blocks = blocks
+        self.built = True
+
+    def call(self, inputs):
+        token_ids, state = inputs["token_ids"], inputs["state"]
+        state = tuple(_as_layer_state(layer) for layer in state)
+        if self._blocks:
+            hidden, state = self._run_block(token_ids, state)
+        else:
+            hidden, state = self.backbone.stream(token_ids, state)
+        outputs = hidden
+        if self._output in ("logits", "last_logits"):
+            outputs = self._logits(hidden)
+        if self._output is None:
+            outputs = ops.zeros((), "float32")
+        return {"outputs": outputs, "state": state}
+
+    def _run_block(self, token_ids, state):
+        backbone = self.backbone
+        x = backbone.embed(token_ids, start_index=state[0]["index"])
+        mask = ops.ones_like(token_ids, dtype="bool")
+        new_state = []
+        for layer, layer_state in zip(
+            backbone.transformer_layers, state, strict=True
+        ):
+            # The step starts at a block boundary: the fused block step.
+            x, layer_state = layer._run_blocks(x, mask, layer_state, False)
+            layer_state["index"] = ops.cast(layer_state["index"], "int32")
+            new_state.append(layer_state)
+        return backbone.layer_norm(x), tuple(new_state)
+
+
+def _as_layer_state(layer):
+    return {name: ops.convert_to_tensor(value) for name, value in layer.items()}
+
+
+def _numpy_dtype(value):
+    dtype = keras.backend.standardize_dtype(value.dtype)
+    return "uint16" if dtype == "bfloat16" else dtype
