@@ -2,9 +2,9 @@
 
 import importlib.util
 
-from keras_fam import layers, training
+from keras_fam import layers, state, training
 
-__all__ = ["layers", "training"]
+__all__ = ["layers", "state", "training"]
 
 # The models need KerasHub (the `hub` extra); the layers work without it.
 if importlib.util.find_spec("keras_hub") is not None:

@@ -274,7 +274,9 @@ class _StreamStep(keras.Model):
     layers' streaming step, FAM update under `ops.cond`)."""
 
     def __init__(self, backbone, logits, output, blocks):
-        super().__init__()
+        super().__init__(
+            name="fam_stream_block" if blocks else "fam_stream_token"
+        )
         self.backbone = backbone
         self._logits = logits
         self._output = output
@@ -285,7 +287,7 @@ class _StreamStep(keras.Model):
         token_ids, state = inputs["token_ids"], inputs["state"]
         state = tuple(_as_layer_state(layer) for layer in state)
         if self._blocks:
-            hidden, state = self._run_block(token_ids, state)
+            hidden, state = self.backbone.stream_block(token_ids, state)
         else:
             hidden, state = self.backbone.stream(token_ids, state)
         outputs = hidden
@@ -294,20 +296,6 @@ class _StreamStep(keras.Model):
         if self._output is None:
             outputs = ops.zeros((), "float32")
         return {"outputs": outputs, "state": state}
-
-    def _run_block(self, token_ids, state):
-        backbone = self.backbone
-        x = backbone.embed(token_ids, start_index=state[0]["index"])
-        mask = ops.ones_like(token_ids, dtype="bool")
-        new_state = []
-        for layer, layer_state in zip(
-            backbone.transformer_layers, state, strict=True
-        ):
-            # The step starts at a block boundary: the fused block step.
-            x, layer_state = layer._run_blocks(x, mask, layer_state, False)
-            layer_state["index"] = ops.cast(layer_state["index"], "int32")
-            new_state.append(layer_state)
-        return backbone.layer_norm(x), tuple(new_state)
 
 
 def _as_layer_state(layer):

@@ -539,34 +539,42 @@ class FAMBackbone(Backbone):
             new_state.append(layer_state)
         return self.layer_norm(x), tuple(new_state)
 
+    def stream_block(self, token_ids, state):
+        """Feed whole blocks `token_ids` `(B, k * block_size)` that start at a
+        block boundary (`state`'s position is a multiple of `block_size`,
+        possibly only known at run time) through every layer's fused block
+        step. Returns `(hidden_states, state)` like `stream`.
+
+        `stream` picks this path by itself when the position is known at
+        trace time; inside a compiled loop it is not, and `stream` would take
+        the (equal, slower) token-by-token path.
+        """
+        x = self.embed(token_ids, start_index=state[0]["index"])
+        mask = ops.ones_like(token_ids, dtype="bool")
+        new_state = []
+        for layer, layer_state in zip(
+            self.transformer_layers, state, strict=True
+        ):
+            x, layer_state = layer._run_blocks(x, mask, layer_state, False)
+            layer_state["index"] = ops.cast(layer_state["index"], "int32")
+            new_state.append(layer_state)
+        return self.layer_norm(x), tuple(new_state)
+
     def prefill_blocks(self, token_ids, state, num_blocks):
         """Feed the first `num_blocks` whole blocks of `token_ids` `(B, T)`
         into a fresh `state`, one block per loop iteration.
 
         `num_blocks` may be a run-time scalar (inside a compiled `generate`);
         nothing that grows with `num_blocks` is materialised: each iteration
-        slices one block of token ids, embeds it and runs it through every
-        layer's fused block step.
+        slices one block of token ids and runs it through `stream_block`.
         """
         size = self.block_size
         batch_size = ops.shape(token_ids)[0]
 
         def body(block, state):
-            start = block * size
-            ids = ops.slice(token_ids, (0, start), (batch_size, size))
-            x = self.embed(ids, start_index=start)
-            mask = ops.ones_like(ids, dtype="bool")
-            new_state = []
-            for layer, layer_state in zip(
-                self.transformer_layers, state, strict=True
-            ):
-                # The block starts at a run-time multiple of `block_size`:
-                # call the fused block step directly (the layer's own
-                # dispatcher would fall back to its token-by-token path).
-                x, layer_state = layer._run_blocks(x, mask, layer_state, False)
-                layer_state["index"] = ops.cast(layer_state["index"], "int32")
-                new_state.append(layer_state)
-            return block + 1, tuple(new_state)
+            ids = ops.slice(token_ids, (0, block * size), (batch_size, size))
+            _, state = self.stream_block(ids, state)
+            return block + 1, state
 
         _, state = ops.while_loop(
             lambda block, state: block < num_blocks,
