@@ -1,6 +1,7 @@
 """The position-wise feedforward network of a Transformer layer."""
 
 import keras
+from keras import ops
 
 KINDS = ("mlp", "gated")
 
@@ -76,12 +77,17 @@ class FeedForward(keras.layers.Layer):
         self.output_dense.build((*input_shape[:-1], self.intermediate_dim))
 
     def call(self, inputs):
-        hidden = self.intermediate_dense(inputs)
+        # The dense layers see 2D rows: on TensorFlow, a `Dense` on 3D inputs
+        # of unknown batch size inside a scan has a gradient that XLA cannot
+        # compile (`jit_compile=True` training with a partial last batch).
+        shape = ops.shape(inputs)
+        rows = ops.reshape(inputs, (-1, shape[-1]))
+        hidden = self.intermediate_dense(rows)
         if self.kind == "gated":
-            hidden = self._activation_fn(self.gate_dense(inputs)) * hidden
+            hidden = self._activation_fn(self.gate_dense(rows)) * hidden
         else:
             hidden = self._activation_fn(hidden)
-        return self.output_dense(hidden)
+        return ops.reshape(self.output_dense(hidden), shape)
 
     def compute_output_shape(self, input_shape):
         return input_shape

@@ -610,15 +610,9 @@ class TransformerFAM(keras.layers.Layer):
         key, value = self.attention.project_key_value(hidden, positions)
         state = {
             **state,
-            "block_key": ops.slice_update(
-                state["block_key"], (0, offset, 0, 0), key
-            ),
-            "block_value": ops.slice_update(
-                state["block_value"], (0, offset, 0, 0), value
-            ),
-            "block_mask": ops.slice_update(
-                state["block_mask"], (0, offset), mask
-            ),
+            "block_key": _write_at(state["block_key"], offset, key),
+            "block_value": _write_at(state["block_value"], offset, value),
+            "block_mask": _write_at(state["block_mask"], offset, mask),
             "index": state["index"] + length,
         }
         keys, values, key_mask = self._streaming_keys(state)
@@ -963,6 +957,22 @@ class TransformerFAM(keras.layers.Layer):
             "learned_initial_fam": self.learned_initial_fam,
             "parallel_blocks": self.parallel_blocks,
         }
+
+
+def _write_at(buffer, offset, update):
+    """`buffer` with `update` written at `offset` along axis 1.
+
+    A static offset uses slicing and concatenation, which has gradients on
+    every backend (TensorFlow's `slice_update` has none outside XLA); a
+    run-time offset (compiled generation) uses `ops.slice_update`.
+    """
+    if isinstance(offset, int):
+        end = offset + update.shape[1]
+        return ops.concatenate(
+            [buffer[:, :offset], update, buffer[:, end:]], axis=1
+        )
+    start = (0, offset) + (0,) * (len(buffer.shape) - 2)
+    return ops.slice_update(buffer, start, update)
 
 
 def _check_int(name, value, minimum):
