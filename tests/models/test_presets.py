@@ -123,13 +123,13 @@ def test_gemma2_quirks_are_carried(preset):
     assert layer.attention.query_scale == pytest.approx(8**-0.5)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama"])
 def test_lora_fit_lowers_loss_and_generates(preset, family):
     model = FAMCausalLM.from_preset(
         preset(family), block_size=8, memory_segments=1, fam_length=2
     )
     assert model.backbone.fam_length == 2
-    model.preprocessor.sequence_length = 33
+    model.preprocessor.sequence_length = 25
     model.backbone.enable_lora(2)
     # Only the adapters, the new summary embeddings and (Keras' LoRA
     # freezes kernels only) GPT-2's biases train.
@@ -140,16 +140,16 @@ def test_lora_fit_lowers_loss_and_generates(preset, family):
         for path in trainable
     ), trainable
     # A "long document": sentences joined well past one block.
-    documents = [" ".join(corpus()[i : i + 6]) for i in range(0, 96, 6)]
+    documents = [" ".join(corpus()[i : i + 4]) for i in range(0, 64, 4)]
     model.compile(
-        optimizer=keras.optimizers.Adam(1e-2),
+        optimizer=keras.optimizers.Adam(2e-2),
         sampler="greedy",
     )
-    history = model.fit(documents, batch_size=8, epochs=4, verbose=0)
+    history = model.fit(documents, batch_size=8, epochs=3, verbose=0)
     losses = history.history["loss"]
     assert losses[-1] < losses[0] - 0.1, losses
 
-    text = model.generate("the cat", max_length=20, stop_token_ids=None)
+    text = model.generate("the cat", max_length=12, stop_token_ids=None)
     assert isinstance(text, str) and text.startswith("the cat")
     assert len(text) > len("the cat")
 
