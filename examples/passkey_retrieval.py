@@ -434,6 +434,24 @@ def _chunk_lengths(total, block_size, chunk_size):
     return [chunk_size] * full + [block_size] * (rest // block_size)
 
 
+def stream_chunk(model, tokens, states):
+    """One compiled streaming step: `(logits, states)` as NumPy arrays.
+
+    On JAX `predict_on_batch` compiles it (one program per chunk shape). On
+    TensorFlow the step runs eagerly: Keras' compiled predict function
+    relaxes the sequence length to `None` after two shapes, and the layer
+    needs a static length. PyTorch runs eagerly anyway.
+    """
+    inputs = {"tokens": tokens, "states": states}
+    if keras.backend.backend() == "jax":
+        return model.predict_on_batch(inputs)
+    logits, states = model(inputs, training=False)
+    to_numpy = ops.convert_to_numpy
+    return to_numpy(logits), [
+        {k: to_numpy(v) for k, v in state.items()} for state in states
+    ]
+
+
 def initial_states(model, batch):
     states = []
     for block in model.blocks:
@@ -468,13 +486,11 @@ def evaluate(
         position = 0
         for n in _chunk_lengths(bulk, size, chunk_size):
             chunk = inputs[:, position : position + n]
-            _, states = model.predict_on_batch(
-                {"tokens": chunk, "states": states}
-            )
+            _, states = stream_chunk(model, chunk, states)
             position += n
         padded = np.zeros((batch, 2 * size), dtype="int32")
         padded[:, :tail] = inputs[:, bulk:]
-        logits, _ = model.predict_on_batch({"tokens": padded, "states": states})
+        logits, _ = stream_chunk(model, padded, states)
         answer = tail - k + np.arange(k)
         predicted = np.argmax(logits[:, answer], axis=-1)
         correct += int(

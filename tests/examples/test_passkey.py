@@ -102,8 +102,8 @@ def test_streamed_logits_equal_the_full_forward_pass():
     states = passkey.initial_states(model, 2)
     pieces = []
     for begin, end in [(0, 16), (16, 48), (48, 64)]:
-        logits, states = model.predict_on_batch(
-            {"tokens": tokens[:, begin:end], "states": states}
+        logits, states = passkey.stream_chunk(
+            model, tokens[:, begin:end], states
         )
         pieces.append(np.asarray(logits))
     np.testing.assert_allclose(
