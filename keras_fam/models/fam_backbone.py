@@ -524,6 +524,15 @@ class FAMBackbone(Backbone):
             {"token_ids": token_ids, "padding_mask": padding_mask}
         )
         self.check_state(state, ops.shape(token_ids)[0])
+        position = _concrete(state[0]["index"])
+        if self.position_embedding is not None and position is not None:
+            end = int(position) + token_ids.shape[1]
+            if end > self.max_sequence_length:
+                raise ValueError(
+                    "With learned position embeddings a stream may hold at "
+                    f"most max_sequence_length={self.max_sequence_length} "
+                    f"tokens. Received: token_ids reaching position {end}"
+                )
         x = self.embed(token_ids, start_index=state[0]["index"])
         new_state = []
         for layer, layer_state in zip(

@@ -60,9 +60,7 @@ def test_streaming_equals_full_forward(chunks):
         hidden, state = backbone.stream(ids[:, start : start + length], state)
         outputs.append(numpy(hidden))
         start += length
-    np.testing.assert_allclose(
-        np.concatenate(outputs, axis=1), full, atol=1e-5
-    )
+    np.testing.assert_allclose(np.concatenate(outputs, axis=1), full, atol=1e-5)
     assert int(numpy(state[0]["index"])) == 13
 
 
@@ -239,6 +237,11 @@ def test_learned_positions_bound_the_sequence_length():
     )
     with pytest.raises(ValueError, match="max_sequence_length"):
         backbone({"token_ids": token_ids(length=9)})
+    _, state = backbone.stream(
+        token_ids(length=6), backbone.get_initial_state(2)
+    )
+    with pytest.raises(ValueError, match="max_sequence_length"):
+        backbone.stream(token_ids(length=3), state)
 
 
 def test_mixed_precision_outputs():
