@@ -58,14 +58,19 @@ def test_fit_lowers_the_loss():
 
 def test_greedy_generate_equals_argmax_of_full_forward():
     """More than 3 * block_size + 5 generated tokens, crossing FAM updates,
-    from prompts of different lengths (one spans a whole block, prefilled
-    by the block loop)."""
+    from prompts of different lengths; the shortest prompt's first two
+    blocks are prefilled by the block loop, the rest token by token."""
     lm = tiny_lm()
-    prompt = np.zeros((2, 6 + 3 * BLOCK + 6), "int32")
+    lengths = (14, 10)
+    prompt = np.zeros((2, 14 + 3 * BLOCK + 5), "int32")
     mask = np.zeros_like(prompt, bool)
-    prompt[0, :6] = [3, 7, 9, 1, 4, 2]
-    prompt[1, :3] = [5, 5, 6]
-    mask[0, :6] = mask[1, :3] = True
+    rng = np.random.default_rng(3)
+    for row, length in enumerate(lengths):
+        prompt[row, :length] = rng.integers(0, VOCAB, length)
+        mask[row, :length] = True
+    cache, index = lm._build_cache(prompt, mask)
+    assert int(numpy(index)) == 2 * BLOCK + 1
+    assert int(numpy(cache[0]["index"])) == 2 * BLOCK
     out = lm.generate(
         {"token_ids": prompt, "padding_mask": mask}, stop_token_ids=None
     )
@@ -73,7 +78,7 @@ def test_greedy_generate_equals_argmax_of_full_forward():
     np.testing.assert_array_equal(ids[mask], prompt[mask])
     logits = numpy(lm({"token_ids": ids, "padding_mask": np.ones_like(ids)}))
     predicted = logits.argmax(-1)
-    for row, length in ((0, 6), (1, 3)):
+    for row, length in enumerate(lengths):
         assert ids.shape[1] - length >= 3 * BLOCK + 5
         np.testing.assert_array_equal(
             predicted[row, length - 1 : -1], ids[row, length:]
