@@ -15,6 +15,7 @@ import pytest
 from keras import ops
 
 from keras_fam.models import FAMBackbone, FAMCausalLM
+from keras_fam.models.presets import transfer_weights
 
 sys.path.insert(0, os.path.dirname(__file__))
 from tiny_presets import FAMILIES, build_tiny_preset, corpus  # noqa: E402
@@ -247,3 +248,44 @@ def test_bfloat16_dtype_is_applied(preset):
     assert backbone.dtype_policy.name == "bfloat16"
     kernel = backbone.transformer_layers[0].attention.query.kernel
     assert keras.backend.standardize_dtype(kernel.dtype) == "bfloat16"
+
+
+def test_weight_mapping_must_be_complete_and_shape_exact(preset):
+    from keras_fam.models.presets import convert_backbone, llama
+
+    original = keras_hub.models.Backbone.from_preset(preset("llama"))
+    target = convert_backbone(original, load_weights=False, **COVERING)
+    mapping = llama.weight_map(original)
+    incomplete = dict(mapping)
+    incomplete.pop("transformer_layer_1/attention/value/kernel")
+    with pytest.raises(ValueError, match="value/kernel"):
+        transfer_weights(incomplete, original, target)
+    wrong_shape = {
+        **mapping,
+        "transformer_layer_0/attention/query/kernel": (
+            "transformer_layer_0/self_attention/query/kernel",
+            lambda kernel: kernel[:, :1],
+        ),
+    }
+    with pytest.raises(ValueError, match="shape"):
+        transfer_weights(wrong_shape, original, target)
+    missing = {**mapping, "layer_norm/scale": ("no/such/weight", None)}
+    with pytest.raises(ValueError, match="no/such/weight"):
+        transfer_weights(missing, original, target)
+
+
+def test_gemma_with_one_post_norm_cannot_be_converted():
+    from keras_fam.models.presets import convert_backbone
+
+    original = keras_hub.models.GemmaBackbone(
+        vocabulary_size=16,
+        num_layers=1,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        hidden_dim=8,
+        intermediate_dim=16,
+        head_dim=4,
+        use_post_attention_norm=True,
+    )
+    with pytest.raises(ValueError, match="use_post_attention_norm"):
+        convert_backbone(original)

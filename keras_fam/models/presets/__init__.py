@@ -36,6 +36,7 @@ architecture) cannot be overridden.
 import keras
 from keras import ops
 
+from keras_fam.layers.transformer_fam import _check_int
 from keras_fam.models.presets import gemma, gpt2, llama, mistral
 
 FAMILIES = {
@@ -76,21 +77,12 @@ def adapter_for(backbone_cls, preset=None):
 
 
 def _check_overrides(overrides):
+    """Checks the FAM arguments before anything is loaded (the layers would
+    check them too, but only after the original model is loaded)."""
     for name in FAM_ARGUMENTS:
-        value = overrides.get(name)
-        if value is None:
-            continue
-        minimum = 1 if name == "block_size" else 0
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int)
-            or (value < minimum)
-        ):
-            allowed = "a positive" if minimum else "a non-negative"
-            raise ValueError(
-                f"`{name}` must be {allowed} integer. "
-                f"Received: {name}={value!r}"
-            )
+        if overrides.get(name) is not None:
+            minimum = 1 if name == "block_size" else 0
+            _check_int(name, overrides[name], minimum=minimum)
 
 
 def _check_dtype(dtype):
@@ -136,12 +128,16 @@ def _is_fam(backbone_cls):
     )
 
 
-def convert_backbone(original, dtype=None, load_weights=True, **overrides):
+def convert_backbone(
+    original, cls=None, dtype=None, load_weights=True, **overrides
+):
     """A `FAMBackbone` with the architecture and weights of a loaded
     KerasHub backbone.
 
     Args:
         original: a KerasHub backbone of a supported family.
+        cls: the class to build, `FAMBackbone` or a subclass. Defaults to
+            `FAMBackbone`.
         dtype: dtype policy of the FAM model. Defaults to the original's.
         load_weights: bool. Copy the weights (else fresh initialisation).
         **overrides: `FAMBackbone` arguments the preset does not fix
@@ -150,7 +146,8 @@ def convert_backbone(original, dtype=None, load_weights=True, **overrides):
     Returns:
         A `keras_fam.models.FAMBackbone`.
     """
-    from keras_fam.models.fam_backbone import FAMBackbone
+    if cls is None:
+        from keras_fam.models.fam_backbone import FAMBackbone as cls
 
     adapter = adapter_for(type(original))
     config = adapter.convert_config(original)
@@ -166,7 +163,7 @@ def convert_backbone(original, dtype=None, load_weights=True, **overrides):
     _check_overrides(overrides)
     if dtype is None:
         dtype = original.dtype_policy.name
-    backbone = FAMBackbone(**config, **overrides, dtype=dtype)
+    backbone = cls(**config, **overrides, dtype=dtype)
     if load_weights:
         transfer_weights(adapter.weight_map(original), original, backbone)
     return backbone
@@ -231,16 +228,9 @@ def backbone_from_preset(cls, preset, dtype=None, load_weights=True, **kwargs):
     original = Backbone.from_preset(
         preset, load_weights=load_weights, dtype=dtype
     )
-    backbone = convert_backbone(
-        original, dtype=dtype, load_weights=load_weights, **kwargs
+    return convert_backbone(
+        original, cls, dtype=dtype, load_weights=load_weights, **kwargs
     )
-    del original
-    if not isinstance(backbone, cls):
-        raise TypeError(
-            f"`{cls.__name__}.from_preset` cannot build a {cls.__name__} "
-            "from a converted preset (it builds a FAMBackbone)."
-        )
-    return backbone
 
 
 def causal_lm_from_preset(
