@@ -153,12 +153,13 @@ def convert_backbone(
     config = adapter.convert_config(original)
     fixed = sorted(set(overrides) & set(config))
     if fixed:
+        received = {name: overrides[name] for name in fixed}
         raise ValueError(
             f"{fixed} are read from the preset and cannot be overridden when "
             "converting it. Overridable: the FAM and training arguments "
             f"({', '.join(FAM_ARGUMENTS)}, dropout, "
             "state_passing_probability, ...). "
-            f"Received: { ({name: overrides[name] for name in fixed}) }"
+            f"Received: {received}"
         )
     _check_overrides(overrides)
     if dtype is None:
@@ -181,12 +182,11 @@ def transfer_weights(mapping, original, backbone):
     }
     for target_path, (source_path, transform) in mapping.items():
         if source_path not in sources or target_path not in targets:
-            missing = source_path if source_path not in sources else None
+            owner = "FAM model" if source_path in sources else "original"
             raise ValueError(
                 f"Cannot map the {type(original).__name__} weight "
-                f"{source_path!r} to the FAM weight {target_path!r}: "
-                f"{'the original' if missing else 'the FAM model'} has no "
-                "such weight."
+                f"{source_path!r} to the FAM weight {target_path!r}: the "
+                f"{owner} has no such weight."
             )
         value = ops.convert_to_numpy(sources.pop(source_path))
         if transform is not None:
