@@ -1,6 +1,64 @@
-"""PassKey retrieval with TransformerFAM vs TransformerBSWA (paper Fig. 3a).
+"""PassKey retrieval: TransformerFAM vs TransformerBSWA (paper Fig. 3a).
 
-DRAFT: docstring completed once the defaults are settled.
+Trains tiny TransformerFAM and TransformerBSWA models (BSWA with M0, M1 and
+M2 memory segments) from scratch with `model.fit`, then measures pass-key
+accuracy against filler length far past the training length, streaming
+every evaluation sequence chunk by chunk through the layers' fixed-size
+state (`TransformerFAM.get_initial_state` / `return_state=True`), so memory
+does not grow with the filler. Prints a table (model x filler length), and
+writes `passkey.json` (all numbers, config, timings) and `passkey.png` (a
+plot like the paper's Fig. 3a) to `--output-dir`.
+
+    python examples/passkey_retrieval.py                  # JAX (default)
+    KERAS_BACKEND=torch python examples/passkey_retrieval.py --fam-steps 300
+    python examples/passkey_retrieval.py --eval-lengths 0 200 4096 65536 262144
+
+The task (the paper's prompt, word-level tokens, 52-word vocabulary):
+"There is an important info hidden inside a lot of irrelevant text . Find
+it and memorize it . I will quiz you about the important information there
+. The pass key is K . Remember it . K is the pass key . <filler> What is
+the pass key ? The pass key is K". The filler repeats the paper's five
+sentences ("The grass is green . The sky is blue . ..."; `--filler random`
+shuffles their order). K has `--key-digits` digits (default 1: chance is
+10%). Accuracy is whole-key exact match; digits are scored under teacher
+forcing, which gives the same exact-match as greedy decoding.
+
+Models (defaults): 2 layers, width 64, 4 heads, block 16. FAM: 8 FAM
+vectors, 0 memory segments (the paper's PassKey setting), a learned
+initial FAM per layer. BSWA: no FAM, M = 0, 1, 2; its receptive field is
+`num_layers * (M + 1) * block_size` = 32, 64, 96 tokens.
+
+Training (what the defaults use, and why):
+- Per-row state passing over streamed episodes (`--reset-probability
+  0.2`): every batch row is an endless stream of PassKey episodes cut into
+  256-token segments; each step continues each row where the last stopped,
+  starting from that row's final FAM of the previous step (kept in
+  non-trainable variables; the gradient stops at the segment boundary), and
+  a row restarts from the learned initial FAM with probability 0.2. This is
+  the paper's Random State Passing made per row and continuous: the paper
+  carries row 0's FAM into unrelated sequences, which here (a 1-digit key
+  that must be overwritten) left training accuracy at 0.23 after 600 steps.
+- Log-uniform filler lengths up to `--longest-filler 480`, so episodes
+  cross segment boundaries (the FAM must hold the key across steps) while
+  short fillers keep BSWA and the early FAM learnable; a curriculum grows
+  the longest filler from 16 over the first 30% of steps.
+- AdamW (learning rate 3e-3, cosine decay to 5%, weight decay 0.01, clip
+  norm 1). No change to the layer's math (no FAM normalisation).
+
+Evidence (JAX, this shared 2-core machine at load average ~9; the numbers
+are pass-key accuracy at filler lengths 200 / 1024 / 4096 / 16384):
+- paper-style RSP (p = 0.8), uniform filler <= 230, 600 steps:
+  1.00 / 0.48 / 0.14 / 0.00.
+- streamed episodes, filler <= 2048, reset 0.1, 600 steps: 0.88 / 0.28 /
+  0.06 / 0.10 (under-trained: long episodes give little signal early).
+- the defaults (1000 steps): 1.00 / 0.88 / 0.29 / 0.23, and 1.00 at 0, 64
+  and 128. So the target (>= 95% at 16x the 256-token training segment)
+  is NOT reached: the FAM holds the key ~4x beyond the training segment
+  and then drifts. More steps on longer episodes is the next thing to try.
+
+Timing of the defaults: see the `total_seconds` and `cpu_seconds` in
+`passkey.json`; the run above took ~31 minutes wall at load average ~9
+(about a quarter of that in CPU time).
 """
 
 import argparse
@@ -385,7 +443,7 @@ def build_model(task, fam_length, memory_segments, args):
     return model
 
 
-def train(model, task, args, steps, verbose=1):
+def train(model, task, args, steps, train_length, longest_filler, verbose=1):
     rng = np.random.default_rng(args.seed)
     schedule = keras.optimizers.schedules.CosineDecay(
         args.learning_rate,
@@ -406,8 +464,8 @@ def train(model, task, args, steps, verbose=1):
         task,
         rng,
         args.batch_size,
-        args.train_length,
-        args.longest_filler,
+        train_length,
+        longest_filler,
         steps,
         curriculum_steps=int(args.curriculum * steps),
         reset_probability=args.reset_probability,
@@ -538,7 +596,14 @@ def parse_args(argv=None):
         help="Fraction of steps over which the longest filler grows.",
     )
     add("--fam-steps", type=int, default=1000, help="FAM training steps.")
-    add("--bswa-steps", type=int, default=200, help="Steps per BSWA model.")
+    add("--bswa-steps", type=int, default=400, help="Steps per BSWA model.")
+    add(
+        "--bswa-train-length",
+        type=int,
+        default=64,
+        help="BSWA training segment (it cannot see further anyway).",
+    )
+    add("--bswa-longest-filler", type=int, default=128)
     add("--batch-size", type=int, default=32)
     add("--epochs", type=int, default=5, help="Progress-bar epochs.")
     add("--learning-rate", type=float, default=3e-3)
@@ -605,7 +670,13 @@ def main(argv=None):
         steps = args.fam_steps if fam_length else args.bswa_steps
         print(f"\n== {name}: training {steps} steps")
         model = build_model(task, fam_length, memory, args)
-        train_seconds, history = train(model, task, args, steps)
+        if fam_length:
+            length, longest = args.train_length, args.longest_filler
+        else:
+            length, longest = args.bswa_train_length, args.bswa_longest_filler
+        train_seconds, history = train(
+            model, task, args, steps, length, longest
+        )
         rng = np.random.default_rng(args.seed + 1)
         lengths = [
             n
@@ -636,6 +707,8 @@ def main(argv=None):
             if fam_length
             else receptive_field(args, memory),
             "train_steps": steps,
+            "train_length": length,
+            "longest_filler": longest,
             "train_seconds": train_seconds,
             "eval_seconds": eval_seconds,
             "final_train_accuracy": history["sparse_categorical_accuracy"][-1],
