@@ -39,3 +39,48 @@ def plot_passkey(results, path):
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
+
+
+def plot_block_step_mask(block_size, memory_segments, fam_length, path):
+    """Picture of the attention mask of one fused [FAM ; block] step.
+
+    Rows are queries (the FAM vectors, then the block's tokens), columns
+    are keys (the memory blocks, the previous FAM, the block); dark cells
+    may attend. The lines separate memory, FAM and block.
+
+    Args:
+        block_size: int. Tokens per block.
+        memory_segments: int. Previous blocks attended to.
+        fam_length: int. FAM vectors (`0` for BSWA).
+        path: str. Where to write the PNG.
+
+    Returns:
+        The path written.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from keras_fam.ops.masks import block_step_mask
+
+    mask = block_step_mask(block_size, memory_segments, fam_length)
+    memory = memory_segments * block_size
+    figure, axis = plt.subplots(
+        figsize=(2 + mask.shape[1] / 8, 1.5 + mask.shape[0] / 8)
+    )
+    axis.imshow(mask, cmap="Greys", vmin=0, vmax=1.25, interpolation="none")
+    for column in (memory - 0.5, memory + fam_length - 0.5):
+        axis.axvline(column, color="tab:red", linewidth=1)
+    axis.axhline(fam_length - 0.5, color="tab:red", linewidth=1)
+    axis.set_xlabel(
+        f"keys: memory ({memory}) | FAM ({fam_length}) | block ({block_size})"
+    )
+    axis.set_ylabel(f"queries: FAM ({fam_length}) | block ({block_size})")
+    axis.set_title(
+        f"Block step mask, S={block_size}, M={memory_segments}, F={fam_length}"
+    )
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
