@@ -233,7 +233,18 @@ def main(argv=None):
         help="skip (report OOM) configurations whose attention needs more; "
         "defaults to 80%% of the memory available now",
     )
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="PyTorch intra-op threads (`torch.set_num_threads`); 1 avoids "
+        "thread-barrier stalls of eager ops on an oversubscribed CPU",
+    )
     args = parser.parse_args(argv)
+    if args.torch_threads and keras.backend.backend() == "torch":
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
     if args.quick:
         cases = [(1024, False), (2048, False), (2048, True)]
         path_lengths = [1024]
@@ -331,6 +342,7 @@ def main(argv=None):
                 "batch": BATCH,
                 "repeats": repeats,
                 "cpu_count": os.cpu_count(),
+                "torch_threads": args.torch_threads,
             },
             "rows": rows,
             "training_path_rows": path_rows,
