@@ -125,10 +125,12 @@ class TransformerFAM(keras.layers.Layer):
             the FAM rows alone (each FAM attends to its previous FAM and its
             block, then goes through the feedforward network), and all
             blocks' token attention and feedforward then run as one batched
-            call. Same numbers (tests compare the two); which is faster
-            depends on the backend: on CPU the batched path trained ~30%
-            faster at 8k tokens on PyTorch and TensorFlow and ~10-20%
-            slower on JAX (see `benchmarks/README.md`). Defaults to `False`.
+            call. Same numbers (tests compare the two). Which is faster
+            depends on the backend: on CPU, forward+backward at 2k-8k
+            tokens, it took 0.69-0.74x the time of the loop on TensorFlow,
+            1.0x on JAX and 1.0-1.13x on PyTorch (see
+            `benchmarks/README.md`); accelerators were not measured.
+            Defaults to `False`.
         **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`...).
 
     Call arguments:
