@@ -51,14 +51,21 @@ are pass-key accuracy at filler lengths 200 / 1024 / 4096 / 16384):
   1.00 / 0.48 / 0.14 / 0.00.
 - streamed episodes, filler <= 2048, reset 0.1, 600 steps: 0.88 / 0.28 /
   0.06 / 0.10 (under-trained: long episodes give little signal early).
-- the defaults (1000 steps): 1.00 / 0.88 / 0.29 / 0.23, and 1.00 at 0, 64
-  and 128. So the target (>= 95% at 16x the 256-token training segment)
-  is NOT reached: the FAM holds the key ~4x beyond the training segment
-  and then drifts. More steps on longer episodes is the next thing to try.
+- the defaults (FAM 1000 steps): 1.00 / 0.88 / 0.29 / 0.23, and 1.00 at 0,
+  64 and 128. So the target (>= 95% at 16x the 256-token training segment)
+  is NOT reached: the FAM holds the key to 4x the training segment (2x the
+  longest training filler) and then drifts. BSWA M1 and M2: 1.00 at filler
+  0, chance (0.06-0.14) from filler 64 on; BSWA M0 (no memory: it sees
+  only its own block) is at chance throughout.
+- Next to try: more steps with longer episodes (a curriculum of the
+  longest filler up to thousands of tokens), which needs more compute than
+  the 10-minute budget gives.
 
-Timing of the defaults: see the `total_seconds` and `cpu_seconds` in
-`passkey.json`; the run above took ~31 minutes wall at load average ~9
-(about a quarter of that in CPU time).
+Timing of the defaults (JAX, this 2-core machine shared with other jobs,
+load average ~8): 1312 s wall, 635 s CPU; FAM training 1035 s, FAM
+evaluation 65 s (100 sequences per length, up to 16384 filler tokens),
+each BSWA model 45-70 s training and 6-9 s evaluation. Every number is in
+`passkey.json` (`total_seconds`, `cpu_seconds`, `load_average`).
 """
 
 import argparse
