@@ -89,8 +89,10 @@ def main(argv=None):
         model.fit(train[0], train[1], batch_size=args.batch_size, epochs=1)
         predictions = model.predict(test[0], verbose=0).argmax(-1)[:, -1]
         results[name] = float(np.mean(predictions == test[2]))
-    print(f"\nKey recall over {args.length // args.block_size} blocks "
-          f"(chance {chance:.2f}):")
+    print(
+        f"\nKey recall over {args.length // args.block_size} blocks "
+        f"(chance {chance:.2f}):"
+    )
     for name, accuracy in results.items():
         print(f"  {name:16s} accuracy {accuracy:.2f}")
     return results

@@ -988,5 +988,6 @@ def _check_int(name, value, minimum):
 def _shapes_match(received, expected):
     """Equal shapes where `None` (an unknown batch size) matches anything."""
     return len(received) == len(expected) and all(
-        r is None or e is None or r == e for r, e in zip(received, expected)
+        r is None or e is None or r == e
+        for r, e in zip(received, expected, strict=True)
     )

@@ -8,9 +8,11 @@ reference path that the tests compare against:
   `scaled_dot_product_attention`; TensorFlow (and any call with logit
   soft-capping, which neither fused kernel supports) uses the reference einsum
   path, which XLA compiles well.
-- `scan`: the loop over blocks. `lax.scan` on JAX, `tf.scan` on TensorFlow (it
-  compiles with `jit_compile=True` and has gradients, which `keras.ops.scan`'s
-  `while_loop` lacks under XLA), a Python loop on PyTorch.
+- `scan`: the loop over blocks. `lax.scan` on JAX (a Python loop when called
+  eagerly, where `lax.scan` would recompile its body on every call),
+  `tf.scan` on TensorFlow (it compiles with `jit_compile=True` and has
+  gradients, which `keras.ops.scan`'s `while_loop` lacks under XLA), a Python
+  loop on PyTorch.
 
 Backend modules are imported inside the functions, so importing this module
 never imports a backend that is not the active one.
@@ -128,7 +130,12 @@ def scan(fn, init, xs, ys_like, implementation="auto"):
     if backend == "jax":
         import jax
 
-        return jax.lax.scan(fn, init, xs)
+        leaves = keras.tree.flatten((init, xs))
+        if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+            return jax.lax.scan(fn, init, xs)
+        # Eager: `lax.scan` would trace and compile the body on every call;
+        # op-by-op dispatch of a Python loop is several times faster.
+        return _python_loop(fn, init, xs, jax.numpy.stack)
     if backend == "tensorflow":
         import tensorflow as tf
 
@@ -142,16 +149,18 @@ def scan(fn, init, xs, ys_like, implementation="auto"):
     if backend == "torch":
         import torch
 
-        flat_xs = keras.tree.flatten(xs)
-        length = flat_xs[0].shape[0]
-        carry, ys = init, []
-        for index in range(length):
-            x = keras.tree.pack_sequence_as(xs, [t[index] for t in flat_xs])
-            carry, y = fn(carry, x)
-            ys.append(y)
-        ys = keras.tree.map_structure(lambda *t: torch.stack(t), *ys)
-        return carry, ys
+        return _python_loop(fn, init, xs, torch.stack)
     return ops.scan(fn, init, xs)
+
+
+def _python_loop(fn, init, xs, stack):
+    flat_xs = keras.tree.flatten(xs)
+    carry, ys = init, []
+    for index in range(flat_xs[0].shape[0]):
+        x = keras.tree.pack_sequence_as(xs, [t[index] for t in flat_xs])
+        carry, y = fn(carry, x)
+        ys.append(y)
+    return carry, keras.tree.map_structure(lambda *t: stack(t), *ys)
 
 
 def static_int(tensor):

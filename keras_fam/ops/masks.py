@@ -7,10 +7,10 @@ Every attention call of a TransformerFAM layer uses one key layout,
 
 so one static mask of shape `(F + S, M * S + F + S)` describes them all: the
 fused full-block step uses every row, a streaming chunk starting at in-block
-index `i` uses rows `F + i ...`, and the FAM update of a streamed block uses rows
-`0 ... F - 1`. Masks are built with NumPy so they are compile-time constants
-(TPU splash and GPU cuDNN kernels accept them); only key validity (padding and
-not-yet-filled memory) is combined in at run time.
+index `i` uses rows `F + i ...`, and the FAM update of a streamed block uses
+rows `0 ... F - 1`. Masks are built with NumPy so they are compile-time
+constants (TPU splash and GPU cuDNN kernels accept them); only key validity
+(padding and not-yet-filled memory) is combined in at run time.
 
 Shape letters: S block size, M memory segments, F FAM length.
 
