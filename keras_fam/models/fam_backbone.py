@@ -69,7 +69,9 @@ class FAMBackbone(Backbone):
     feedforward denses, freezes every other weight except the summary
     embeddings (new FAM parameters, trained too), so the trainable parameter
     count is `sum(rank * (kernel.size // kernel.shape[-1] + kernel.shape[-1])`
-    `for every targeted kernel) + fam_length * hidden_dim`. Saving
+    `for every targeted kernel) + fam_length * hidden_dim`, plus the biases
+    of the targeted layers when `use_bias=True` (Keras' LoRA freezes only the
+    kernel, as in GPT-2 presets). Saving
     (`save_weights`, `save_to_preset`, `.keras`) merges the adapters into the
     kernels; `save_lora_weights` saves only the adapters and the summary
     embeddings.
