@@ -57,9 +57,10 @@ are pass-key accuracy at filler lengths 200 / 1024 / 4096 / 16384):
   longest training filler) and then drifts. BSWA M1 and M2: 1.00 at filler
   0, chance (0.06-0.14) from filler 64 on; BSWA M0 (no memory: it sees
   only its own block) is at chance throughout.
-- Next to try: more steps with longer episodes (a curriculum of the
-  longest filler up to thousands of tokens), which needs more compute than
-  the 10-minute budget gives.
+- the defaults with `--longest-filler 2048 --curriculum 1.0` (the longest
+  filler growing over all 1000 steps): 1.00 / 0.58 / 0.06 / 0.14, worse.
+- Next to try: many more steps with longer episodes (the FAM must learn a
+  drift-free hold), which needs more compute than the 10-minute budget.
 
 Timing of the defaults (JAX, this 2-core machine shared with other jobs,
 load average ~8): 1312 s wall, 635 s CPU; FAM training 1035 s, FAM
