@@ -25,6 +25,16 @@ def convert_config(backbone):
                 backbone.rope_pretraining_sequence_length
             ),
         }
+    return llama_like_config(
+        backbone,
+        rope_scaling_factor=1.0,
+        rope_frequency_scaling=frequency_scaling,
+    )
+
+
+def llama_like_config(backbone, **overrides):
+    """The FAMBackbone config shared by Llama-architecture presets (RMS
+    norms, SwiGLU, grouped-query attention, RoPE, no biases)."""
     return dict(
         vocabulary_size=backbone.vocabulary_size,
         num_layers=backbone.num_layers,
@@ -39,10 +49,9 @@ def convert_config(backbone):
         use_bias=False,
         position_embedding="rope",
         rope_max_wavelength=backbone.rope_max_wavelength,
-        rope_scaling_factor=1.0,
-        rope_frequency_scaling=frequency_scaling,
         tie_word_embeddings=backbone.token_embedding.tie_weights,
         dropout=backbone.dropout,
+        **overrides,
     )
 
 

@@ -12,24 +12,10 @@ from keras_fam.models.presets import llama
 
 
 def convert_config(backbone):
-    return dict(
-        vocabulary_size=backbone.vocabulary_size,
-        num_layers=backbone.num_layers,
-        num_heads=backbone.num_query_heads,
-        hidden_dim=backbone.hidden_dim,
-        intermediate_dim=backbone.intermediate_dim,
-        num_key_value_heads=backbone.num_key_value_heads,
+    return llama.llama_like_config(
+        backbone,
         head_dim=backbone.head_dim,
-        feedforward="gated",
-        activation="silu",
-        normalization="rms_norm",
-        layer_norm_epsilon=backbone.layer_norm_epsilon,
-        use_bias=False,
-        position_embedding="rope",
-        rope_max_wavelength=backbone.rope_max_wavelength,
         rope_scaling_factor=backbone.rope_scaling_factor,
-        tie_word_embeddings=backbone.token_embedding.tie_weights,
-        dropout=backbone.dropout,
     )
 
 
