@@ -131,6 +131,15 @@ class TransformerFAM(keras.layers.Layer):
             1.0x on JAX and 1.0-1.13x on PyTorch (see
             `benchmarks/README.md`); accelerators were not measured.
             Defaults to `False`.
+        fam_normalization: bool. Rescale every updated FAM vector to unit
+            root-mean-square before it is carried to the next block (no
+            weights; the paper has no such step). The FAM's residual
+            stream otherwise sums one update per block, so its norm grows
+            with the sequence and a small model trained on short sequences
+            drifts out of the range it has seen; with it the FAM lives on a
+            fixed sphere and what it holds can persist over any number of
+            blocks (see `examples/passkey_retrieval.py`). Leave it off to
+            reuse pretrained checkpoints unchanged. Defaults to `False`.
         **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`...).
 
     Call arguments:
@@ -193,6 +202,7 @@ class TransformerFAM(keras.layers.Layer):
         rope_frequency_scaling=None,
         learned_initial_fam=True,
         parallel_blocks=False,
+        fam_normalization=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -229,6 +239,12 @@ class TransformerFAM(keras.layers.Layer):
                 f"Received: parallel_blocks={parallel_blocks!r}"
             )
         self.parallel_blocks = parallel_blocks
+        if not isinstance(fam_normalization, bool):
+            raise ValueError(
+                "`fam_normalization` must be a bool. "
+                f"Received: fam_normalization={fam_normalization!r}"
+            )
+        self.fam_normalization = fam_normalization
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.supports_masking = True
         # Validates the attention arguments now, so errors come early.
@@ -333,6 +349,15 @@ class TransformerFAM(keras.layers.Layer):
             fed = self.post_feedforward_norm(fed)
         return rows + self._drop(fed, keep, 1, training)
 
+    def _carried_fam(self, fam):
+        """The updated FAM as carried to the next block: unit RMS per vector
+        with `fam_normalization`, else unchanged."""
+        if not self.fam_normalization:
+            return fam
+        squared = ops.mean(ops.square(ops.cast(fam, "float32")), axis=-1)
+        scale = ops.rsqrt(squared[..., None] + 1e-6)
+        return ops.cast(ops.cast(fam, "float32") * scale, fam.dtype)
+
     def _drop(self, x, keep, which, training):
         if keep is not None:
             return x * ops.cast(keep[which], x.dtype) / (1.0 - self.dropout)
@@ -395,7 +420,7 @@ class TransformerFAM(keras.layers.Layer):
             training,
         )
         carry = {
-            "fam": rows[:, :fam_length],
+            "fam": self._carried_fam(rows[:, :fam_length]),
             "memory_key": self._roll(carry["memory_key"], key[:, fam_length:]),
             "memory_value": self._roll(
                 carry["memory_value"], value[:, fam_length:]
@@ -522,7 +547,7 @@ class TransformerFAM(keras.layers.Layer):
                     inputs.get("keep"),
                     training,
                 )
-                return fam, (fam_key, fam_value)
+                return self._carried_fam(fam), (fam_key, fam_value)
 
             xs = {
                 "key": block_major(blocks(key)),
@@ -670,8 +695,10 @@ class TransformerFAM(keras.layers.Layer):
                 self.attention_norm(fam), positions
             )
             mask = self._mask(np.arange(self.fam_length), key_mask)
-            fam = self._attend_and_feed(
-                fam, query, keys, values, mask, None, False
+            fam = self._carried_fam(
+                self._attend_and_feed(
+                    fam, query, keys, values, mask, None, False
+                )
             )
         fam_key, fam_value = self._fam_key_value(
             fam, state["index"], state["position_offset"]
@@ -958,6 +985,7 @@ class TransformerFAM(keras.layers.Layer):
             "attention_implementation": attention.attention_implementation,
             "learned_initial_fam": self.learned_initial_fam,
             "parallel_blocks": self.parallel_blocks,
+            "fam_normalization": self.fam_normalization,
         }
 
 

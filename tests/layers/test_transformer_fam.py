@@ -82,7 +82,9 @@ class NumpyTransformerFAM:
         use_rope=True,
         rope_max_wavelength=10000.0,
         epsilon=1e-5,
+        fam_normalization=False,
     ):
+        self.fam_normalization = fam_normalization
         self.w = {k: v.astype("float64") for k, v in weights.items()}
         self.heads, self.groups = num_heads, num_key_value_heads
         self.size, self.memory, self.fam = (
@@ -202,6 +204,9 @@ class NumpyTransformerFAM:
                     fam,
                     self.attend(fam_query, fam_keys, fam_values, fam_allowed),
                 )
+                if self.fam_normalization:  # Unit RMS per FAM vector.
+                    rms = np.sqrt(np.mean(fam**2, -1, keepdims=True) + 1e-6)
+                    fam = fam / rms
                 fam_positions = position_offset + start + size - fam_length
                 fam_positions = fam_positions + np.arange(
                     fam_length, dtype=float
@@ -227,6 +232,7 @@ def _numpy_reference(layer, x, padding_mask, fam=None, position_offset=0):
         use_rope=config["use_rope"],
         rope_max_wavelength=config["rope_max_wavelength"],
         epsilon=config["layer_norm_epsilon"],
+        fam_normalization=config["fam_normalization"],
     )
     results = [
         reference(x[b], padding_mask[b], fam[b], position_offset)
@@ -244,18 +250,26 @@ def _padding_mask(batch, length):
 
 
 @pytest.mark.parametrize(
-    "memory_segments, fam_length, length, parallel_blocks",
-    [(1, 2, 14, False), (2, 3, 11, True), (0, 1, 9, False)],
+    "memory_segments, fam_length, length, parallel_blocks, normalized",
+    [
+        (1, 2, 14, False, False),
+        (2, 3, 11, True, False),
+        (0, 1, 9, False, False),
+        (1, 2, 14, False, True),
+        (2, 3, 11, True, True),
+    ],
 )
 def test_matches_numpy_reference(
-    memory_segments, fam_length, length, parallel_blocks
+    memory_segments, fam_length, length, parallel_blocks, normalized
 ):
     # GQA (4 heads, 2 key/value heads), RoPE, a last partial block, padding;
-    # whole blocks through the fused block loop, or `parallel_blocks`.
+    # whole blocks through the fused block loop, or `parallel_blocks`; the
+    # carried FAM rescaled to unit RMS or not.
     layer = _layer(
         memory_segments=memory_segments,
         fam_length=fam_length,
         parallel_blocks=parallel_blocks,
+        fam_normalization=normalized,
     )
     x = _inputs(2, length)
     padding_mask = _padding_mask(2, length)
@@ -376,10 +390,11 @@ def _state_signature(state):
     }
 
 
-def test_streaming_in_chunks_equals_full_call():
+@pytest.mark.parametrize("fam_normalization", [False, True])
+def test_streaming_in_chunks_equals_full_call(fam_normalization):
     # Chunks of 1, 3, block_size and 2.5 * block_size tokens, from a fresh
     # state each time; one full call is the reference for all of them.
-    layer = _layer()
+    layer = _layer(fam_normalization=fam_normalization)
     length = 18
     x = _inputs(2, length, seed=4)
     padding_mask = _padding_mask(2, length)
@@ -649,6 +664,7 @@ VARIANTS = [
     dict(memory_segments=2),
     dict(fam_length=0),
     dict(fam_length=3),
+    dict(fam_normalization=True),
     dict(
         rope_frequency_scaling={
             "factor": 8.0,
@@ -754,6 +770,7 @@ def test_kernel_initializer_is_used():
         (dict(feedforward="moe"), "'moe'"),
         (dict(dropout=1.0), "dropout=1.0"),
         (dict(attention_implementation="flash"), "'flash'"),
+        (dict(fam_normalization="yes"), "fam_normalization='yes'"),
     ],
 )
 def test_bad_constructor_arguments(kwargs, message):
