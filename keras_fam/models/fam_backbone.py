@@ -123,6 +123,11 @@ class FAMBackbone(Backbone):
             embedding matrix. Defaults to `True`.
         dropout: float. Dropout rate on embeddings and in every layer.
             Defaults to `0.0`.
+        fam_normalization: bool. Every layer rescales its carried FAM to
+            unit RMS after each block (`TransformerFAM`'s
+            `fam_normalization`; not in the paper). Keeps a model trained
+            from scratch on short sequences stable over long ones; leave it
+            off for converted presets. Defaults to `False`.
         state_passing_probability: float. Random State Passing probability
             (training only). Defaults to `0.0` (off).
         position_offset_probability: float. Probability that the Random
@@ -185,6 +190,7 @@ class FAMBackbone(Backbone):
         embedding_scale=None,
         tie_word_embeddings=True,
         dropout=0.0,
+        fam_normalization=False,
         state_passing_probability=0.0,
         position_offset_probability=0.0,
         max_position_offset=None,
@@ -265,6 +271,7 @@ class FAMBackbone(Backbone):
                     query_scale=query_scale,
                     logit_soft_cap=logit_soft_cap,
                     dropout=dropout,
+                    fam_normalization=fam_normalization,
                     learned_initial_fam=False,
                     dtype=policy,
                     name=f"transformer_layer_{index}",
@@ -380,6 +387,7 @@ class FAMBackbone(Backbone):
         self.embedding_scale = embedding_scale
         self.tie_word_embeddings = tie_word_embeddings
         self.dropout = dropout
+        self.fam_normalization = fam_normalization
         self.state_passing_probability = state_passing_probability
         self.position_offset_probability = position_offset_probability
         self.max_position_offset = max_position_offset
@@ -876,6 +884,7 @@ class FAMBackbone(Backbone):
             "embedding_scale": self.embedding_scale,
             "tie_word_embeddings": self.tie_word_embeddings,
             "dropout": self.dropout,
+            "fam_normalization": self.fam_normalization,
             "state_passing_probability": self.state_passing_probability,
             "position_offset_probability": self.position_offset_probability,
             "max_position_offset": self.max_position_offset,

@@ -131,8 +131,9 @@ def test_padding_mask_hides_padded_tokens():
             tie_word_embeddings=False,
         ),
         dict(fam_length=0),
+        dict(fam_normalization=True),
     ],
-    ids=["gpt2_like", "gemma2_like", "bswa"],
+    ids=["gpt2_like", "gemma2_like", "bswa", "fam_normalization"],
 )
 def test_architectures_stream_and_round_trip_config(overrides):
     backbone = tiny_backbone(**overrides)
@@ -149,6 +150,8 @@ def test_architectures_stream_and_round_trip_config(overrides):
         numpy(clone({"token_ids": ids})), full, atol=1e-6
     )
     assert clone.get_config() == backbone.get_config()
+    for layer in clone.transformer_layers:
+        assert layer.fam_normalization == backbone.fam_normalization
 
 
 def test_embedding_scale_and_untied_head_take_effect():
