@@ -153,6 +153,12 @@ class TransformerFAM(keras.layers.Layer):
         state: dict from `get_initial_state()` or a previous call with
             `return_state=True`: continue that sequence (streaming). Its size
             does not depend on how many tokens it has seen.
+        state_index: int or `None`. The position `state` is at, as a Python
+            int, used instead of `state["index"]`. Inside `jax.jit` or
+            `tf.function` the state's index tensor is a run-time value, so
+            the layer runs the tokens one by one (same numbers); a known
+            position lets whole blocks of a block-aligned chunk run through
+            the fused block step. Defaults to `None`.
         return_fam: bool. Also return the FAM after the last complete block.
         return_state: bool. Also return the state to continue the sequence.
         training: bool. Enables dropout.
@@ -846,8 +852,18 @@ class TransformerFAM(keras.layers.Layer):
         return_state=False,
         training=None,
         mask=None,
+        state_index=None,
     ):
         self._check_inputs(inputs, padding_mask, fam, state)
+        if state_index is not None:
+            if state is None:
+                raise ValueError(
+                    "`state_index` is the position of a `state`: pass "
+                    f"`state` too. Received: state_index={state_index!r}, "
+                    "state=None"
+                )
+            _check_int("state_index", state_index, minimum=0)
+            state = {**state, "index": state_index}
         if padding_mask is None:
             padding_mask = mask
         if padding_mask is None:
@@ -937,6 +953,7 @@ class TransformerFAM(keras.layers.Layer):
         return_state=False,
         training=None,
         mask=None,
+        state_index=None,
     ):
         outputs = keras.KerasTensor(inputs.shape, dtype=self.compute_dtype)
         shapes = self._state_shapes(inputs.shape[0])

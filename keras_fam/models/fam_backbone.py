@@ -480,12 +480,11 @@ class FAMBackbone(Backbone):
                 state = layer.get_initial_state(
                     batch_size, fam=fam, position_offset=offset
                 )
-                # A trace-time index keeps the layer on its fused block path.
-                state["index"] = np.array(0, "int32")
                 x, final = layer(
                     x,
                     padding_mask=padding_mask,
                     state=state,
+                    state_index=0,  # Known when traced: the fused path.
                     return_fam=True,
                     training=training,
                 )

@@ -482,6 +482,54 @@ def test_compiled_streaming_with_run_time_position(chunk):
     assert int(to_numpy(state["index"])) == length
 
 
+def test_state_index_keeps_the_fused_block_path_when_traced():
+    # `state_index` (a Python int) stays known while the layer is traced, so
+    # a block-aligned chunk runs through the fused block step (not token by
+    # token), with the same numbers as an eager call.
+    if BACKEND == "torch":
+        pytest.skip("PyTorch runs eagerly: every position is known.")
+    layer = _layer()
+    x = _inputs(2, 12, seed=5)
+    fam = _inputs(2, 2, seed=6)
+    expected = layer(
+        x, state=layer.get_initial_state(2, fam=fam, position_offset=3)
+    )
+    paths = []
+    run_blocks, chunk_step = layer._run_blocks, layer._chunk_step
+    layer._run_blocks = lambda *a: paths.append("blocks") or run_blocks(*a)
+    layer._chunk_step = lambda *a: paths.append("chunk") or chunk_step(*a)
+
+    def step(fam, offset, index):
+        state = layer.get_initial_state(2, fam=fam, position_offset=offset)
+        if index is None:
+            return layer(x, state=state, state_index=0)
+        return layer(x, state={**state, "index": index})
+
+    _jit(step)(fam, np.int32(3), np.int32(0))
+    assert "blocks" not in paths  # A run-time index: token by token.
+    paths.clear()
+    outputs = _jit(lambda f, o: step(f, o, None))(fam, np.int32(3))
+    assert paths == ["blocks"]
+    np.testing.assert_allclose(
+        to_numpy(outputs), to_numpy(expected), atol=1e-5, rtol=0
+    )
+    state = layer.get_initial_state(2)
+    with pytest.raises(ValueError, match="state_index=-1"):
+        layer(x, state=state, state_index=-1)
+    with pytest.raises(ValueError, match="pass `state` too"):
+        layer(x, state_index=0)
+
+
+def _jit(function):
+    if BACKEND == "jax":
+        import jax
+
+        return jax.jit(function)
+    import tensorflow as tf
+
+    return tf.function(function)
+
+
 # === Gradients ===
 
 
