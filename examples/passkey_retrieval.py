@@ -252,6 +252,7 @@ class PassKeyModel(keras.Model):
         memory_segments=0,
         fam_length=8,
         state_passing=True,
+        fam_normalization=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -264,6 +265,7 @@ class PassKeyModel(keras.Model):
         self.memory_segments = memory_segments
         self.fam_length = fam_length
         self.state_passing = bool(state_passing and fam_length)
+        self.fam_normalization = fam_normalization
         self.embedding = keras.layers.Embedding(
             vocabulary_size, hidden_dim, name="embedding"
         )
@@ -273,6 +275,7 @@ class PassKeyModel(keras.Model):
                 block_size=block_size,
                 memory_segments=memory_segments,
                 fam_length=fam_length,
+                fam_normalization=fam_normalization,
                 name=f"transformer_fam_{i}",
             )
             for i in range(num_layers)
@@ -324,16 +327,17 @@ class PassKeyModel(keras.Model):
     def stream(self, tokens, states):
         """Continue sequences: `tokens` `(B, C)` whose first token starts a
         block; `states` one per layer, whose absolute position is kept in
-        `position_offset` (and `index` at zero, see `_call_with_state`).
+        `position_offset` (and `index` at zero).
 
         Returns `(logits (B, C, V), states)`.
         """
         x = self.embedding(tokens)
         new_states = []
         for block, state in zip(self.blocks, states, strict=True):
-            state = dict(state)
-            state["index"] = np.int32(0)
-            x, state = _call_with_state(block, x, state)
+            # The absolute position lives in `position_offset`; the chunk
+            # starts a block at index 0, known when traced (`state_index`),
+            # so whole blocks run through the fused block step.
+            x, state = block(x, state=state, state_index=0, return_state=True)
             state["position_offset"] = state["position_offset"] + state["index"]
             state["index"] = ops.zeros_like(state["index"])
             new_states.append(state)
@@ -351,21 +355,8 @@ class PassKeyModel(keras.Model):
             "memory_segments": self.memory_segments,
             "fam_length": self.fam_length,
             "state_passing": self.state_passing,
+            "fam_normalization": self.fam_normalization,
         }
-
-
-def _call_with_state(block, x, state, training=False):
-    """`block(x, state=state, return_state=True)` for a block-aligned chunk.
-
-    `state["index"]` is a NumPy zero (the absolute position lives in
-    `state["position_offset"]`), so the layer knows at trace time that the
-    chunk starts a block and runs whole blocks through its fused block step.
-    `block.call` is used instead of `block(...)` because `Layer.__call__`
-    converts that NumPy index to a tensor, which inside a JAX `jit` is a
-    traced value: the layer would then take its token-by-token path (same
-    numbers, about 8x slower).
-    """
-    return block.call(x, state=state, return_state=True, training=training)
 
 
 # === Training ===
@@ -446,6 +437,7 @@ def build_model(task, fam_length, memory_segments, args):
         memory_segments=memory_segments,
         fam_length=fam_length,
         state_passing=args.reset_probability < 1.0,
+        fam_normalization=bool(fam_length and args.fam_normalization),
     )
     model.build()
     return model
@@ -629,12 +621,18 @@ def parse_args(argv=None):
     add("--block-size", type=int, default=16)
     add("--fam-length", type=int, default=8)
     add("--fam-memory-segments", type=int, default=0)
+    add(
+        "--fam-normalization",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Rescale the carried FAM to unit RMS after every block.",
+    )
     add("--bswa-memory-segments", type=int, nargs="*", default=[0, 1, 2])
     add(
         "--eval-lengths",
         type=int,
         nargs="+",
-        default=[0, 64, 128, 200, 1024, 4096, 16384],
+        default=[0, 64, 128, 256, 1024, 4096, 16384, 65536, 262144],
         help="Filler lengths to evaluate.",
     )
     add(
@@ -644,6 +642,13 @@ def parse_args(argv=None):
         help="Longest filler evaluated for BSWA (chance beyond its field).",
     )
     add("--eval-samples", type=int, default=100)
+    add(
+        "--long-eval-samples",
+        type=int,
+        default=20,
+        help="Sequences per length from --long-eval-from filler tokens on.",
+    )
+    add("--long-eval-from", type=int, default=100_000)
     add("--eval-batch-size", type=int, default=100)
     add(
         "--chunk-size",
@@ -691,18 +696,20 @@ def main(argv=None):
             for n in args.eval_lengths
             if fam_length or n <= args.bswa_max_length
         ]
-        accuracy = {}
+        accuracy, seconds = {}, {}
         eval_start = time.time()
         for n in _progress(lengths, f"{name} eval"):
+            length_start = time.time()
             accuracy[n] = evaluate(
                 model,
                 task,
                 n,
-                args.eval_samples,
+                _eval_samples(args, n),
                 args.eval_batch_size,
                 rng,
                 args.chunk_size,
             )
+            seconds[n] = time.time() - length_start
         eval_seconds = time.time() - eval_start
         print(
             f"{name}: train {train_seconds:.0f}s, eval {eval_seconds:.0f}s, "
@@ -721,6 +728,8 @@ def main(argv=None):
             "eval_seconds": eval_seconds,
             "final_train_accuracy": history["sparse_categorical_accuracy"][-1],
             "accuracy": {str(n): a for n, a in accuracy.items()},
+            "eval_samples": {str(n): _eval_samples(args, n) for n in lengths},
+            "eval_seconds_by_length": {str(n): t for n, t in seconds.items()},
         }
     results["total_seconds"] = time.time() - total_start
     results["cpu_seconds"] = time.process_time() - cpu_start
@@ -738,6 +747,15 @@ def main(argv=None):
         f"{args.output_dir}/passkey.json and passkey.png"
     )
     return results
+
+
+def _eval_samples(args, filler_length):
+    """Sequences evaluated at one filler length: `--eval-samples`, or
+    `--long-eval-samples` beyond `--long-eval-from` filler tokens (the
+    streaming cost grows with the length)."""
+    if filler_length >= args.long_eval_from:
+        return args.long_eval_samples
+    return args.eval_samples
 
 
 def _progress(items, description):

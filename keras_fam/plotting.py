@@ -28,6 +28,15 @@ def plot_passkey(results, path):
     axis.axhline(
         100 * results["chance"], color="grey", linestyle=":", label="chance"
     )
+    train_length = results.get("config", {}).get("train_length")
+    if train_length:
+        axis.axvline(
+            train_length,
+            color="black",
+            linestyle="-.",
+            linewidth=0.8,
+            label=f"training segment ({train_length} tokens)",
+        )
     axis.set_xscale("log", base=2)
     axis.set_xlabel("filler tokens")
     axis.set_ylabel("pass-key accuracy (%)")

@@ -15,6 +15,7 @@ def _png_pixels(path):
 
 def test_plot_passkey_draws_every_model(tmp_path):
     results = {
+        "config": {"train_length": 256},  # Drawn as a vertical line.
         "chance": 0.1,
         "models": {
             "FAM": {"accuracy": {"0": 1.0, "256": 1.0, "4096": 0.3}},
