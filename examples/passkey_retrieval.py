@@ -521,7 +521,8 @@ def initial_states(model, batch):
 def evaluate(
     model, task, filler_length, num_samples, batch_size, rng, chunk_size
 ):
-    """Pass-key accuracy (whole key exact) at one filler length.
+    """Pass-key accuracy (whole key exact) at one filler length, and the
+    root-mean-square of the FAM before the question (`None` for BSWA).
 
     Sequences are streamed chunk by chunk through `TransformerFAM`'s state,
     so memory does not grow with the filler. The key digits are scored
@@ -530,7 +531,7 @@ def evaluate(
     """
     size = model.block_size
     k = task.key_digits
-    correct = 0
+    correct, fam_rms = 0, []
     for begin in range(0, num_samples, batch_size):
         batch = min(batch_size, num_samples - begin)
         tokens, keys, start = task.batch(rng, batch, filler_length)
@@ -546,6 +547,8 @@ def evaluate(
             chunk = inputs[:, position : position + n]
             _, states = stream_chunk(model, chunk, states)
             position += n
+        if model.fam_length:  # How large the FAM is after the filler.
+            fam_rms += [np.sqrt(np.mean(state["fam"] ** 2)) for state in states]
         padded = np.zeros((batch, 2 * size), dtype="int32")
         padded[:, :tail] = inputs[:, bulk:]
         logits, _ = stream_chunk(model, padded, states)
@@ -554,7 +557,7 @@ def evaluate(
         correct += int(
             np.sum(np.all(predicted == task.digit_ids[keys], axis=1))
         )
-    return correct / num_samples
+    return correct / num_samples, float(np.mean(fam_rms)) if fam_rms else None
 
 
 # === The experiment ===
@@ -595,7 +598,7 @@ def parse_args(argv=None):
         default=0.3,
         help="Fraction of steps over which the longest filler grows.",
     )
-    add("--fam-steps", type=int, default=1000, help="FAM training steps.")
+    add("--fam-steps", type=int, default=800, help="FAM training steps.")
     add("--bswa-steps", type=int, default=400, help="Steps per BSWA model.")
     add(
         "--bswa-train-length",
@@ -696,11 +699,11 @@ def main(argv=None):
             for n in args.eval_lengths
             if fam_length or n <= args.bswa_max_length
         ]
-        accuracy, seconds = {}, {}
+        accuracy, seconds, fam_rms = {}, {}, {}
         eval_start = time.time()
         for n in _progress(lengths, f"{name} eval"):
             length_start = time.time()
-            accuracy[n] = evaluate(
+            accuracy[n], fam_rms[n] = evaluate(
                 model,
                 task,
                 n,
@@ -728,6 +731,7 @@ def main(argv=None):
             "eval_seconds": eval_seconds,
             "final_train_accuracy": history["sparse_categorical_accuracy"][-1],
             "accuracy": {str(n): a for n, a in accuracy.items()},
+            "fam_rms": {str(n): r for n, r in fam_rms.items()},
             "eval_samples": {str(n): _eval_samples(args, n) for n in lengths},
             "eval_seconds_by_length": {str(n): t for n, t in seconds.items()},
         }

@@ -163,6 +163,8 @@ def test_reduced_run_writes_table_json_and_plot(tmp_path, capsys):
             "--eval-lengths", "0", "40", "200",
             "--bswa-max-length", "40",
             "--eval-samples", "3",
+            "--long-eval-samples", "2",
+            "--long-eval-from", "200",
             "--eval-batch-size", "2",
             "--chunk-size", "32",
             "--output-dir", str(out),
@@ -176,10 +178,19 @@ def test_reduced_run_writes_table_json_and_plot(tmp_path, capsys):
     assert set(saved["models"]["FAM"]["accuracy"]) == {"0", "40", "200"}
     assert set(saved["models"]["BSWA M0"]["accuracy"]) == {"0", "40"}
     assert saved["models"]["BSWA M0"]["receptive_field"] == 1 * 1 * 8
+    fam = saved["models"]["FAM"]
+    assert fam["eval_samples"] == {"0": 3, "40": 3, "200": 2}
+    assert set(fam["eval_seconds_by_length"]) == {"0", "40", "200"}
     for entry in saved["models"].values():
-        for accuracy in entry["accuracy"].values():
-            # 3 samples: accuracy is a multiple of 1/3.
-            assert accuracy * 3 == pytest.approx(round(accuracy * 3))
+        for n, accuracy in entry["accuracy"].items():
+            # n samples: accuracy is a multiple of 1/n.
+            samples = entry["eval_samples"][n]
+            assert accuracy * samples == pytest.approx(
+                round(accuracy * samples)
+            )
+    # FAM normalisation (on by default) keeps the carried FAM at unit RMS.
+    assert all(abs(r - 1.0) < 1e-3 for r in fam["fam_rms"].values())
+    assert set(saved["models"]["BSWA M0"]["fam_rms"].values()) == {None}
     assert saved == json.loads(json.dumps(results))
     png = (out / "passkey.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
