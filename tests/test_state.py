@@ -4,27 +4,17 @@ import os
 
 import numpy as np
 import pytest
+import tiny_models
 from keras import ops
 
-from keras_fam.models import FAMBackbone, FAMCausalLM
 from keras_fam.state import FAMState, FAMStreamer
 
 VOCAB = 29
 
 
 def tiny_lm(**overrides):
-    config = dict(
-        vocabulary_size=VOCAB,
-        num_layers=2,
-        num_heads=2,
-        hidden_dim=8,
-        intermediate_dim=8,
-        block_size=4,
-        memory_segments=1,
-        fam_length=2,
-    )
-    config.update(overrides)
-    return FAMCausalLM(FAMBackbone(**config))
+    config = {"hidden_dim": 8, "intermediate_dim": 8, **overrides}
+    return tiny_models.tiny_lm(VOCAB, **config)
 
 
 def document(length=30, batch=2, seed=0):

@@ -3,9 +3,10 @@
 import keras
 import numpy as np
 import pytest
+import tiny_models
 from keras import ops
 
-from keras_fam.models import FAMBackbone, FAMCausalLM
+from keras_fam.models import FAMCausalLM
 from keras_fam.training import RandomPositionOffset, RandomStatePassing
 
 VOCAB = 19
@@ -17,19 +18,8 @@ def numpy(x):
 
 
 def tiny_backbone(**overrides):
-    config = dict(
-        vocabulary_size=VOCAB,
-        num_layers=2,
-        num_heads=2,
-        hidden_dim=8,
-        intermediate_dim=8,
-        block_size=4,
-        memory_segments=1,
-        fam_length=2,
-        seed=3,
-    )
-    config.update(overrides)
-    return FAMBackbone(**config)
+    config = {"hidden_dim": 8, "intermediate_dim": 8, "seed": 3, **overrides}
+    return tiny_models.tiny_backbone(VOCAB, **config)
 
 
 def manual_forward(backbone, token_ids, initial_fams):

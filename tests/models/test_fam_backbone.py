@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 import pytest
+import tiny_models
 from keras import ops
 
 from keras_fam.models import FAMBackbone
@@ -11,18 +12,7 @@ VOCAB = 37
 
 
 def tiny_backbone(**overrides):
-    config = dict(
-        vocabulary_size=VOCAB,
-        num_layers=2,
-        num_heads=2,
-        hidden_dim=16,
-        intermediate_dim=24,
-        block_size=4,
-        memory_segments=1,
-        fam_length=2,
-    )
-    config.update(overrides)
-    return FAMBackbone(**config)
+    return tiny_models.tiny_backbone(VOCAB, **overrides)
 
 
 def numpy(x):

@@ -7,6 +7,7 @@ import keras
 import keras_hub
 import numpy as np
 import pytest
+import tiny_models
 from keras import ops
 
 from keras_fam.models import FAMBackbone, FAMCausalLM, FAMCausalLMPreprocessor
@@ -16,18 +17,7 @@ BLOCK = 4
 
 
 def tiny_lm(**overrides):
-    config = dict(
-        vocabulary_size=VOCAB,
-        num_layers=2,
-        num_heads=2,
-        hidden_dim=16,
-        intermediate_dim=24,
-        block_size=BLOCK,
-        memory_segments=1,
-        fam_length=2,
-    )
-    config.update(overrides)
-    return FAMCausalLM(FAMBackbone(**config))
+    return tiny_models.tiny_lm(VOCAB, **{"block_size": BLOCK, **overrides})
 
 
 def numpy(x):
@@ -160,18 +150,12 @@ def test_preprocessor_generate_strings():
         vocabulary=vocabulary, merges=["a b"]
     )
     preprocessor = FAMCausalLMPreprocessor(tokenizer, sequence_length=16)
-    lm = FAMCausalLM(
-        FAMBackbone(
-            vocabulary_size=len(vocabulary),
-            num_layers=1,
-            num_heads=2,
-            hidden_dim=8,
-            intermediate_dim=8,
-            block_size=4,
-            memory_segments=1,
-            fam_length=2,
-        ),
+    lm = tiny_models.tiny_lm(
+        len(vocabulary),
         preprocessor=preprocessor,
+        num_layers=1,
+        hidden_dim=8,
+        intermediate_dim=8,
     )
     text = lm.generate("abc", max_length=10, stop_token_ids=None)
     assert isinstance(text, str) and text.startswith("abc")

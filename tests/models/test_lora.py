@@ -6,28 +6,15 @@ import h5py
 import keras
 import numpy as np
 import pytest
+import tiny_models
 from keras import ops
-
-from keras_fam.models import FAMBackbone, FAMCausalLM
 
 VOCAB = 23
 RANK = 2
 
 
 def tiny_lm():
-    return FAMCausalLM(
-        FAMBackbone(
-            vocabulary_size=VOCAB,
-            num_layers=2,
-            num_heads=2,
-            hidden_dim=16,
-            intermediate_dim=24,
-            block_size=4,
-            memory_segments=1,
-            fam_length=2,
-            num_key_value_heads=1,
-        )
-    )
+    return tiny_models.tiny_lm(VOCAB, num_key_value_heads=1)
 
 
 def numpy(x):
