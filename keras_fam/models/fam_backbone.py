@@ -649,10 +649,15 @@ class FAMBackbone(Backbone):
             token_ids = ops.convert_to_tensor(token_ids)
         dtype = keras.backend.standardize_dtype(token_ids.dtype)
         if "int" not in dtype:
-            raise TypeError(
-                "`token_ids` must be an integer tensor. "
-                f"Received: token_ids.dtype={dtype}"
-            )
+            if not _in_symbolic_scope():
+                raise TypeError(
+                    "`token_ids` must be an integer tensor. "
+                    f"Received: token_ids.dtype={dtype}"
+                )
+            # Shape inference only (no values): under a `tf.distribute`
+            # strategy Keras builds the compiled loss and metrics from a
+            # batch averaged across replicas, which makes the ids floats.
+            token_ids = ops.cast(token_ids, "int32")
         shape = tuple(token_ids.shape)
         if len(shape) != 2:
             raise ValueError(
@@ -902,6 +907,14 @@ def _summary_step(layer, fam, training):
     key, value = layer.attention.project_key_value(hidden, positions)
     mask = ops.ones((1, layer.fam_length, layer.fam_length), dtype="bool")
     return layer._attend_and_feed(fam, query, key, value, mask, None, training)
+
+
+def _in_symbolic_scope():
+    """Whether Keras is inferring output shapes (`compute_output_spec`),
+    where tensors have no values."""
+    from keras.src.backend.common.symbolic_scope import in_symbolic_scope
+
+    return in_symbolic_scope()
 
 
 def _concrete(tensor):

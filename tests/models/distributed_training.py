@@ -120,7 +120,6 @@ def train(lm, engine):
         # Static shapes everywhere, as TPUStrategy requires.
         for spec in tf.nest.flatten(dataset.element_spec):
             assert spec.shape.is_fully_defined(), spec
-        build_compiled_state(lm, dataset)
         lm.fit(dataset, epochs=1, shuffle=False, verbose=0, callbacks=[record])
     else:
         lm.fit(
@@ -135,20 +134,6 @@ def train(lm, engine):
     means = np.asarray(means, "float64")
     steps = np.arange(1, len(means) + 1)
     return steps * means - np.concatenate([[0.0], (steps * means)[:-1]])
-
-
-def build_compiled_state(lm, dataset):
-    """Build the compiled loss and metrics on a real batch before `fit`.
-
-    Under a `tf.distribute` strategy, Keras builds them from a batch
-    MEAN-reduced across replicas, which turns the int token ids into
-    floats that `FAMBackbone` rightly rejects. Building them here, on the
-    int batch, makes `fit` skip that step.
-    """
-    x, y = next(iter(dataset))
-    y_pred = lm(x)
-    lm.compute_loss(x, y, y_pred)
-    lm.compute_metrics(x, y, y_pred, sample_weight=None)
 
 
 def weights(lm):

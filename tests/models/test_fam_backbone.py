@@ -185,6 +185,13 @@ def test_bad_inputs_raise_naming_the_argument():
         backbone({"token_ids": ids - VOCAB})
     with pytest.raises(TypeError, match="token_ids"):
         backbone({"token_ids": ids.astype("float32")})
+    # Only Keras' shape inference may pass float ids (its build batch under
+    # tf.distribute is a replica average); see test_distribution.py.
+    from keras.src.backend.common.symbolic_scope import SymbolicScope
+
+    with SymbolicScope():
+        hidden = backbone({"token_ids": ids.astype("float32")})
+    assert tuple(hidden.shape) == (2, 13, 16)
     with pytest.raises(ValueError, match="padding_mask"):
         backbone({"token_ids": ids, "padding_mask": np.ones((2, 12))})
     with pytest.raises(ValueError, match="inputs"):
