@@ -18,13 +18,20 @@ def plot_passkey(results, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 4))
+    figure, axis = plt.subplots(figsize=(8, 4.2))
+    markers = iter("s^vDPX" * 4)
+    lengths = set()
     for name, entry in results["models"].items():
         points = sorted((int(n), a) for n, a in entry["accuracy"].items())
-        xs = [max(n, 1) for n, _ in points]
+        lengths.update(n for n, _ in points)
+        xs = [max(n, 1) for n, _ in points]  # Filler 0 drawn at 1.
         ys = [100 * a for _, a in points]
-        style = "-o" if name.startswith("FAM") else "--s"
-        axis.plot(xs, ys, style, label=name, markersize=4)
+        if name.startswith("FAM"):
+            axis.plot(xs, ys, "-o", label=name, markersize=5, linewidth=2)
+        else:
+            axis.plot(
+                xs, ys, "--", marker=next(markers), label=name, markersize=4
+            )
     axis.axhline(
         100 * results["chance"], color="grey", linestyle=":", label="chance"
     )
@@ -38,12 +45,16 @@ def plot_passkey(results, path):
             label=f"training segment ({train_length} tokens)",
         )
     axis.set_xscale("log", base=2)
+    ticks = sorted(lengths)
+    axis.set_xticks([max(n, 1) for n in ticks])
+    axis.set_xticklabels([_short_number(n) for n in ticks])
+    axis.minorticks_off()
     axis.set_xlabel("filler tokens")
     axis.set_ylabel("pass-key accuracy (%)")
     axis.set_ylim(-2, 102)
     axis.set_title("PassKey retrieval (cf. TransformerFAM paper, Fig. 3a)")
     axis.grid(alpha=0.3)
-    axis.legend(loc="lower left", fontsize=8)
+    axis.legend(loc="center right", fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -93,3 +104,10 @@ def plot_block_step_mask(block_size, memory_segments, fam_length, path):
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
+
+
+def _short_number(n):
+    """`262144` -> `"256k"`, `1024` -> `"1k"`, `200` -> `"200"`."""
+    if n >= 1024 and n % 1024 == 0:
+        return f"{n // 1024}k"
+    return str(n)
