@@ -84,7 +84,10 @@ lengths 256 / 1024 / 4096 / 16384, 100 sequences each):
   slower per token than JAX's compiled step).
 - BSWA M1 and M2: 1.00 at filler 0 (the key inside the receptive field)
   and chance (0.06-0.14) from filler 64 on; M0 sees only its own block
-  and is at chance throughout.
+  and is at chance throughout. A finer sweep (`--eval-lengths 0 16 32 48
+  64 96`): M1 1.00 to filler 16 and chance from 32, M2 1.00 to filler 48
+  and chance from 64, where the key is 46 and 78 tokens back, past the
+  `num_layers * M * block_size` = 32 and 64 tokens every position reaches.
 
 Timing of the defaults (JAX, this 2-core machine at load average 2): 385 s
 wall, 615 s CPU; FAM training 211 s, FAM evaluation 99 s (35 s for 100
