@@ -5,6 +5,15 @@ import keras
 from keras import ops
 
 
+def rms_normalize(x, epsilon=1e-6):
+    """`x / sqrt(mean(x ** 2) + epsilon)` over the last axis, in float32
+    (no scale)."""
+    x = ops.cast(x, "float32")
+    return x * ops.rsqrt(
+        ops.mean(ops.square(x), axis=-1, keepdims=True) + epsilon
+    )
+
+
 @keras.saving.register_keras_serializable(package="keras_fam")
 class RMSNormalization(keras.layers.Layer):
     """RMS normalization over the last axis, computed in float32.
@@ -32,10 +41,7 @@ class RMSNormalization(keras.layers.Layer):
         )
 
     def call(self, inputs):
-        x = ops.cast(inputs, "float32")
-        x = x * ops.rsqrt(
-            ops.mean(ops.square(x), axis=-1, keepdims=True) + self.epsilon
-        )
+        x = rms_normalize(inputs, self.epsilon)
         scale = ops.cast(self.scale, "float32")
         x = x * (1.0 + scale if self.unit_offset else scale)
         return ops.cast(x, self.compute_dtype)

@@ -26,7 +26,10 @@ from keras import ops
 
 from keras_fam.layers.fam_attention import FAMAttention
 from keras_fam.layers.feedforward import FeedForward
-from keras_fam.layers.rms_normalization import RMSNormalization
+from keras_fam.layers.rms_normalization import (
+    RMSNormalization,
+    rms_normalize,
+)
 from keras_fam.ops import dispatch
 from keras_fam.ops.masks import block_self_mask, block_step_mask
 
@@ -360,9 +363,7 @@ class TransformerFAM(keras.layers.Layer):
         with `fam_normalization`, else unchanged."""
         if not self.fam_normalization:
             return fam
-        squared = ops.mean(ops.square(ops.cast(fam, "float32")), axis=-1)
-        scale = ops.rsqrt(squared[..., None] + 1e-6)
-        return ops.cast(ops.cast(fam, "float32") * scale, fam.dtype)
+        return ops.cast(rms_normalize(fam, epsilon=1e-6), fam.dtype)
 
     def _drop(self, x, keep, which, training):
         if keep is not None:
