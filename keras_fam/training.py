@@ -1,9 +1,10 @@
-"""The paper's training tricks: Random State Passing and Random Position Offset.
+"""Training on long streams: state passing and Random Position Offset.
 
-Both are Keras layers owned by `keras_fam.models.FAMBackbone` and act only when
-the backbone is called with `training=True` (as `model.fit` does). Both are off
-by default (probability `0.0`); turn them on with the backbone arguments
-`state_passing_probability` (the paper uses `0.8`) and
+These are Keras layers owned by `keras_fam.models.FAMBackbone`; they act only
+when the backbone is called with `training=True` (as `model.fit` does) and
+are off by default. Turn them on with the backbone arguments
+`state_passing_probability` (the paper's Random State Passing, `0.8` in the
+paper), `training_streams` (per-row streamed state passing, below) and
 `position_offset_probability` (the paper uses `0.5`).
 
 - Random State Passing (RSP): at the end of each training step the final FAM
@@ -18,6 +19,17 @@ by default (probability `0.0`); turn them on with the backbone arguments
   `[0, max_offset)` (the RoPE max wavelength by default) and keeps it with
   probability `p` (the paper zeroes it with probability 0.5); the offset is
   added to every RoPE position. It is always `0` at inference.
+- Streamed state passing (`StreamedStatePassing`, backbone argument
+  `training_streams=B`): each of the `B` batch rows is an endless token
+  stream cut into consecutive training segments (`streamed_batches` /
+  `streamed_dataset` build them). Each step continues every row from that
+  row's own final FAM of the previous step (truncated backpropagation
+  through time: the FAM runs on, the gradient stops at the segment
+  boundary); a row whose input `stream_reset` is `1` starts a fresh stream
+  from the initial FAM. Unlike Random State Passing, which carries row 0's
+  FAM into unrelated sequences, the carried FAM always belongs to the text
+  that follows it, so the model learns to hold information across segment
+  boundaries for as long as the data asks.
 
 Shape letters: B batch, L layers, F FAM length, D width.
 
@@ -26,7 +38,10 @@ References:
     arXiv 2404.09173, section 3.3.
 """
 
+import numbers
+
 import keras
+import numpy as np
 from keras import ops
 
 
@@ -204,3 +219,265 @@ class RandomPositionOffset(keras.layers.Layer):
             "probability": self.probability,
             "seed": self.seed,
         }
+
+
+@keras.saving.register_keras_serializable(package="keras_fam")
+class StreamedStatePassing(keras.layers.Layer):
+    """Per-row state passing over streamed training data.
+
+    Owns one non-trainable variable, `carried_fam` `(L, B, F, D)`: the final
+    FAM of every layer and every batch row of the last training step. At
+    the next training step row `b` starts from `carried_fam[:, b]` unless
+    its `stream_reset` is `1`, in which case it starts from the initial FAM
+    (the summary embeddings propagated through the layers). Rows never see
+    each other's FAM. No gradient flows into the carried FAM (it is a
+    variable; the gradient stops at the segment boundary). At inference
+    (`training=False`: `predict`, `evaluate`, `generate`, streaming) the
+    carried FAM is neither read nor written.
+
+    Only the FAM is carried: each segment's first block sees no memory
+    blocks of the previous segment, and positions restart at `0` in every
+    segment. RoPE is relative and the initial FAM sits at the `F`
+    positions before token 0, exactly where a carried FAM, the last
+    positions of the previous segment, would be relative to the new one.
+
+    Args:
+        num_layers: int. Number of FAM layers.
+        fam_length: int. FAM length.
+        hidden_dim: int. Width.
+        streams: int. Batch size of every training step (one stream per
+            row).
+        **kwargs: base `keras.layers.Layer` arguments.
+
+    Example:
+
+    >>> passing = StreamedStatePassing(2, 4, 8, streams=3)
+    >>> passing.build()
+    >>> fams = [keras.ops.zeros((3, 4, 8))] * 2
+    >>> reset = keras.ops.convert_to_tensor([1.0, 0.0, 0.0])
+    >>> fams = passing.select(fams, reset, training=True)
+    >>> passing.update([keras.ops.ones((3, 4, 8))] * 2, training=True)
+    """
+
+    def __init__(self, num_layers, fam_length, hidden_dim, streams, **kwargs):
+        super().__init__(**kwargs)
+        if (
+            isinstance(streams, bool)
+            or not isinstance(streams, numbers.Integral)
+            or streams < 1
+        ):
+            raise ValueError(
+                "`training_streams` must be a positive integer (the batch "
+                f"size of every training step). Received: "
+                f"training_streams={streams!r}"
+            )
+        self.num_layers = num_layers
+        self.fam_length = fam_length
+        self.hidden_dim = hidden_dim
+        self.streams = int(streams)
+
+    def build(self, input_shape=None):
+        self.carried_fam = self.add_weight(
+            name="carried_fam",
+            shape=(
+                self.num_layers,
+                self.streams,
+                self.fam_length,
+                self.hidden_dim,
+            ),
+            initializer="zeros",
+            trainable=False,
+            dtype="float32",
+        )
+        self.built = True
+
+    def select(self, fams, reset, training=None):
+        """Per-layer initial FAMs `(B, F, D)`: row `b` continues from its
+        carried FAM unless `reset[b]` is true (training only)."""
+        if not training:
+            return fams
+        if reset is None:
+            raise ValueError(
+                "A backbone built with `training_streams` trains on streams: "
+                "every training batch needs `stream_reset` `(batch,)` (1 "
+                "where a row starts a new stream) besides `token_ids`, as "
+                "`keras_fam.training.streamed_dataset` yields. "
+                "Received: inputs without 'stream_reset'"
+            )
+        batch = reset.shape[0]
+        if batch is not None and batch != self.streams:
+            raise ValueError(
+                f"This backbone trains {self.streams} streams "
+                f"(`training_streams={self.streams}`): every training batch "
+                f"must have {self.streams} rows. Received: a batch of "
+                f"{batch}"
+            )
+        restart = ops.cast(ops.reshape(reset, (-1, 1, 1)), "bool")
+        selected = []
+        for index, fam in enumerate(fams):
+            carried = ops.cast(self.carried_fam[index], fam.dtype)
+            selected.append(ops.where(restart, fam, carried))
+        return selected
+
+    def update(self, final_fams, training=None):
+        """Keeps every row's final FAM for the next step (training only)."""
+        if not training:
+            return
+        stacked = ops.stack([ops.stop_gradient(f) for f in final_fams], 0)
+        self.carried_fam.assign(ops.cast(stacked, self.carried_fam.dtype))
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_layers": self.num_layers,
+            "fam_length": self.fam_length,
+            "hidden_dim": self.hidden_dim,
+            "streams": self.streams,
+        }
+
+
+def streamed_batches(
+    sample_document,
+    batch_size,
+    segment_length,
+    reset_probability=0.1,
+    seed=None,
+):
+    """Training batches cut from `batch_size` endless token streams.
+
+    Every row is a stream of documents drawn with `sample_document(rng)`,
+    laid end to end and cut into consecutive `segment_length`-token
+    segments: step `t + 1` continues each row exactly where step `t`
+    stopped, so a document may span many steps (the FAM carries it, see
+    `StreamedStatePassing`). At the first step, and then with probability
+    `reset_probability` per row and step, a row drops what was left of its
+    stream and starts a new one (`stream_reset = 1`).
+
+    Args:
+        sample_document: callable `rng -> token_ids` or `rng ->
+            (token_ids, loss_weights)`, 1-D integer ids (and float weights
+            of the same length: the weight of predicting each token;
+            defaults to all ones). `rng` is a `numpy.random.Generator`.
+        batch_size: int. Rows (streams) per batch: the backbone's
+            `training_streams`.
+        segment_length: int. Tokens per row and step.
+        reset_probability: float in `[0, 1]`. Chance that a row restarts.
+            Defaults to `0.1`.
+        seed: int or `None`. Seed of the document and reset draws.
+
+    Yields:
+        `(x, y, sample_weight)` for `fit`: `x` a dict of `"token_ids"`
+        `(B, S)`, `"padding_mask"` `(B, S)` and `"stream_reset"` `(B,)`;
+        `y` the next tokens `(B, S)`; `sample_weight` `(B, S)`, the weight
+        of each next token.
+    """
+    for name, value in (
+        ("batch_size", batch_size),
+        ("segment_length", segment_length),
+    ):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, numbers.Integral)
+            or value < 1
+        ):
+            raise ValueError(
+                f"`{name}` must be a positive integer. "
+                f"Received: {name}={value!r}"
+            )
+    _check_probability("reset_probability", reset_probability)
+    if not callable(sample_document):
+        raise TypeError(
+            "`sample_document` must be a callable `rng -> token_ids`. "
+            f"Received: sample_document={sample_document!r}"
+        )
+    rng = np.random.default_rng(seed)
+    need = segment_length + 1  # Inputs and their next tokens.
+    tokens = [np.zeros(0, "int32") for _ in range(batch_size)]
+    weights = [np.zeros(0, "float32") for _ in range(batch_size)]
+    first = True
+    while True:
+        reset = np.zeros(batch_size, "float32")
+        for row in range(batch_size):
+            if first or rng.uniform() < reset_probability:
+                tokens[row] = np.zeros(0, "int32")
+                weights[row] = np.zeros(0, "float32")
+                reset[row] = 1.0
+            pieces, piece_weights = [tokens[row]], [weights[row]]
+            have = len(tokens[row])
+            while have < need:
+                ids, weight = _document(sample_document, rng)
+                pieces.append(ids)
+                piece_weights.append(weight)
+                have += len(ids)
+            tokens[row] = np.concatenate(pieces)
+            weights[row] = np.concatenate(piece_weights)
+        first = False
+        window = np.stack([t[:need] for t in tokens])
+        weight = np.stack([w[1:need] for w in weights])
+        # This segment's last label is the next segment's first input.
+        tokens = [t[segment_length:] for t in tokens]
+        weights = [w[segment_length:] for w in weights]
+        x = {
+            "token_ids": window[:, :-1],
+            "padding_mask": np.ones((batch_size, segment_length), bool),
+            "stream_reset": reset,
+        }
+        yield x, window[:, 1:], weight
+
+
+def streamed_dataset(
+    sample_document,
+    batch_size,
+    segment_length,
+    reset_probability=0.1,
+    seed=None,
+):
+    """`streamed_batches` as an endless `tf.data.Dataset`, which every
+    Keras backend's `fit` (and KerasHub's tasks, which take datasets rather
+    than Python generators) accepts. Pass `steps_per_epoch` to `fit`.
+
+    Example:
+
+    >>> lm = FAMCausalLM.from_preset(preset, fam_length=8, training_streams=8)
+    >>> lm.backbone.enable_lora(4)
+    >>> lm.compile(optimizer="adam")
+    >>> data = streamed_dataset(sample_document, 8, 256)
+    >>> lm.fit(data, steps_per_epoch=100)
+    """
+    import tensorflow as tf
+
+    batches = streamed_batches(
+        sample_document, batch_size, segment_length, reset_probability, seed
+    )
+    shape = (batch_size, segment_length)
+    signature = (
+        {
+            "token_ids": tf.TensorSpec(shape, tf.int32),
+            "padding_mask": tf.TensorSpec(shape, tf.bool),
+            "stream_reset": tf.TensorSpec((batch_size,), tf.float32),
+        },
+        tf.TensorSpec(shape, tf.int32),
+        tf.TensorSpec(shape, tf.float32),
+    )
+    return tf.data.Dataset.from_generator(
+        lambda: batches, output_signature=signature
+    )
+
+
+def _document(sample_document, rng):
+    document = sample_document(rng)
+    if isinstance(document, tuple):
+        ids, weight = document
+    else:
+        ids, weight = document, None
+    ids = np.asarray(ids, dtype="int32").reshape(-1)
+    if weight is None:
+        weight = np.ones(len(ids), "float32")
+    weight = np.asarray(weight, dtype="float32").reshape(-1)
+    if len(ids) == 0 or len(weight) != len(ids):
+        raise ValueError(
+            "`sample_document` must return a non-empty 1-D array of token "
+            "ids (and weights of the same length). Received: "
+            f"{len(ids)} ids and {len(weight)} weights"
+        )
+    return ids, weight

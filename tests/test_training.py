@@ -7,7 +7,12 @@ import tiny_models
 from keras import ops
 
 from keras_fam.models import FAMCausalLM
-from keras_fam.training import RandomPositionOffset, RandomStatePassing
+from keras_fam.training import (
+    RandomPositionOffset,
+    RandomStatePassing,
+    streamed_batches,
+    streamed_dataset,
+)
 
 VOCAB = 19
 DRAWS = 400
@@ -191,3 +196,144 @@ def test_bad_offset_arguments():
         ).get_config()["probability"]
         == 0.25
     )
+
+
+# === Streamed state passing ===
+
+
+def stream_backbone(**overrides):
+    return tiny_backbone(training_streams=3, memory_segments=0, **overrides)
+
+
+def test_streamed_state_passing_continues_each_row_from_its_own_fam():
+    """Row b of step t + 1 starts from row b's final FAM of step t, unless
+    its `stream_reset` is 1 (then from the initial FAM); rows never see
+    each other's FAM; inference neither reads nor writes the carry."""
+    backbone = stream_backbone()
+    rng = np.random.default_rng(0)
+    first_ids = rng.integers(0, VOCAB, (3, 10))
+    second_ids = rng.integers(0, VOCAB, (3, 10))
+    fresh = backbone.initial_fams(3)
+    _, finals = manual_forward(backbone, first_ids, fresh)
+    reset = np.ones(3, "float32")
+    backbone({"token_ids": first_ids, "stream_reset": reset}, training=True)
+    carried = numpy(backbone.stream_passing.carried_fam)
+    for index, final in enumerate(finals):
+        np.testing.assert_allclose(carried[index], final, atol=1e-5)
+    # Rows 0 and 2 continue, row 1 restarts.
+    reset = np.array([0.0, 1.0, 0.0], "float32")
+    starts = [
+        np.stack([final[0], numpy(fresh_fam)[1], final[2]])
+        for final, fresh_fam in zip(finals, fresh, strict=True)
+    ]
+    expected, expected_finals = manual_forward(backbone, second_ids, starts)
+    hidden = backbone(
+        {"token_ids": second_ids, "stream_reset": reset}, training=True
+    )
+    np.testing.assert_allclose(numpy(hidden), expected, atol=1e-5)
+    # Row independence: changing row 0's tokens changes nothing in rows 1, 2.
+    other = second_ids.copy()
+    other[0] = (other[0] + 1) % VOCAB
+    backbone.stream_passing.carried_fam.assign(np.stack(finals))
+    changed = numpy(
+        backbone({"token_ids": other, "stream_reset": reset}, training=True)
+    )
+    np.testing.assert_allclose(changed[1:], expected[1:], atol=1e-5)
+    assert np.abs(changed[0] - expected[0]).max() > 1e-3
+    # Inference: the fresh initial FAM, and the carry is left alone.
+    before = numpy(backbone.stream_passing.carried_fam)
+    plain, _ = manual_forward(backbone, second_ids, fresh)
+    np.testing.assert_allclose(
+        numpy(backbone({"token_ids": second_ids, "stream_reset": reset})),
+        plain,
+        atol=1e-5,
+    )
+    np.testing.assert_array_equal(
+        numpy(backbone.stream_passing.carried_fam), before
+    )
+
+
+def test_streamed_batches_cut_continuous_streams():
+    """Each row is its documents end to end; consecutive segments continue
+    it exactly; a reset row starts a new document; labels are the next
+    tokens and weights follow the documents."""
+    counter = iter(range(10**6))
+
+    def document(rng):
+        start = next(counter) * 100
+        length = int(rng.integers(3, 12))
+        return np.arange(start, start + length), np.full(length, 0.5)
+
+    batches = streamed_batches(document, 4, 7, reset_probability=0.3, seed=1)
+    x, y, w = next(batches)
+    assert x["token_ids"].shape == (4, 7) and y.shape == (4, 7)
+    np.testing.assert_array_equal(x["stream_reset"], np.ones(4))
+    np.testing.assert_array_equal(w, 0.5)
+    streams = [
+        list(row) + [label[-1]]
+        for row, label in zip(x["token_ids"], y, strict=True)
+    ]
+    resets = 0
+    for _ in range(30):
+        x, y, _ = next(batches)
+        np.testing.assert_array_equal(x["token_ids"][:, 1:], y[:, :-1])
+        for row in range(4):
+            if x["stream_reset"][row]:
+                resets += 1
+                assert x["token_ids"][row, 0] % 100 == 0  # A new document.
+                streams[row] = list(x["token_ids"][row]) + [y[row, -1]]
+                continue
+            # Continues exactly where the previous segment stopped.
+            assert x["token_ids"][row, 0] == streams[row][-1]
+            streams[row] += list(y[row])
+    assert 10 < resets < 70  # ~0.3 * 120 = 36 expected.
+    with pytest.raises(ValueError, match="segment_length"):
+        next(streamed_batches(document, 2, 0))
+    with pytest.raises(ValueError, match="reset_probability"):
+        next(streamed_batches(document, 2, 4, reset_probability=1.5))
+
+
+def test_streamed_state_passing_under_fit():
+    """`fit` on `streamed_dataset` writes every row's final FAM in the
+    compiled train step; `predict` and `evaluate` leave it alone."""
+    lm = FAMCausalLM(stream_backbone())
+    lm.compile(optimizer="adam")
+
+    def document(rng):
+        return rng.integers(0, VOCAB, int(rng.integers(3, 20)))
+
+    passing = lm.backbone.stream_passing
+    lm.fit(
+        streamed_dataset(document, 3, 8, seed=0), steps_per_epoch=3, verbose=0
+    )
+    carried = numpy(passing.carried_fam)
+    assert carried.shape == (2, 3, 2, 8)
+    # Rows differ: each holds its own stream's FAM.
+    assert np.abs(carried[:, 0] - carried[:, 1]).max() > 1e-4
+    ids = np.random.default_rng(3).integers(0, VOCAB, (3, 8))
+    lm.predict(
+        {"token_ids": ids, "padding_mask": np.ones((3, 8), bool)}, verbose=0
+    )
+    np.testing.assert_array_equal(numpy(passing.carried_fam), carried)
+
+
+def test_streamed_state_passing_errors():
+    with pytest.raises(ValueError, match="training_streams"):
+        tiny_backbone(training_streams=0)
+    with pytest.raises(ValueError, match="fam_length"):
+        tiny_backbone(training_streams=2, fam_length=0)
+    with pytest.raises(ValueError, match="not both"):
+        tiny_backbone(training_streams=2, state_passing_probability=0.5)
+    backbone = stream_backbone()
+    ids = np.zeros((3, 4), "int32")
+    with pytest.raises(ValueError, match="stream_reset"):
+        backbone({"token_ids": ids}, training=True)
+    with pytest.raises(ValueError, match="training_streams=3"):
+        backbone(
+            {"token_ids": ids[:2], "stream_reset": np.ones(2, "float32")},
+            training=True,
+        )
+    restored = keras.saving.deserialize_keras_object(
+        keras.saving.serialize_keras_object(backbone)
+    )
+    assert restored.training_streams == 3

@@ -16,7 +16,11 @@ from keras_hub.models import Backbone
 
 from keras_fam.layers.rms_normalization import RMSNormalization
 from keras_fam.layers.transformer_fam import NORMALIZATIONS, TransformerFAM
-from keras_fam.training import RandomPositionOffset, RandomStatePassing
+from keras_fam.training import (
+    RandomPositionOffset,
+    RandomStatePassing,
+    StreamedStatePassing,
+)
 
 POSITION_EMBEDDINGS = ("rope", "learned")
 LORA_TARGETS = (
@@ -59,10 +63,14 @@ class FAMBackbone(Backbone):
     compute independent of the input. Each layer's first FAM update keeps its
     residual connection (the initial FAM, not a zero tensor, is added back).
 
-    Training tricks (paper section 3.3, `keras_fam.training`), both off by
-    default and active only with `training=True`: Random State Passing
-    (`state_passing_probability`, `0.8` in the paper) and Random Position
-    Offset (`position_offset_probability`, `0.5` in the paper; RoPE only).
+    Training tricks (`keras_fam.training`), all off by default and active
+    only with `training=True`: Random State Passing
+    (`state_passing_probability`, `0.8` in the paper), streamed state
+    passing (`training_streams`: every batch row continues its own token
+    stream from its own final FAM of the previous step; the training data
+    come from `keras_fam.training.streamed_dataset` and carry a
+    `"stream_reset"` input) and Random Position Offset
+    (`position_offset_probability`, `0.5` in the paper; RoPE only).
 
     LoRA: `enable_lora(rank)` puts Keras' own LoRA on the attention
     projections (`query`, `key`, `value`, `attention_output`) and the
@@ -130,6 +138,12 @@ class FAMBackbone(Backbone):
             off for converted presets. Defaults to `False`.
         state_passing_probability: float. Random State Passing probability
             (training only). Defaults to `0.0` (off).
+        training_streams: int or `None`. Train on this many parallel
+            token streams with per-row state passing
+            (`keras_fam.training.StreamedStatePassing`): every training
+            batch must have this many rows and a `"stream_reset"` input.
+            Cannot be combined with `state_passing_probability`. Defaults to
+            `None` (off).
         position_offset_probability: float. Probability that the Random
             Position Offset of a training step is non-zero. Defaults to `0.0`
             (off).
@@ -195,6 +209,7 @@ class FAMBackbone(Backbone):
         position_offset_probability=0.0,
         max_position_offset=None,
         seed=None,
+        training_streams=None,
         dtype=None,
         **kwargs,
     ):
@@ -226,6 +241,21 @@ class FAMBackbone(Backbone):
                 )
         elif max_sequence_length is not None:
             _check_positive_int("max_sequence_length", max_sequence_length)
+        if training_streams is not None:
+            if not fam_length:
+                raise ValueError(
+                    "`training_streams` carries the FAM between training "
+                    "steps and needs `fam_length > 0`. Received: "
+                    f"training_streams={training_streams!r} with fam_length=0"
+                )
+            if state_passing_probability:
+                raise ValueError(
+                    "Use either Random State Passing "
+                    "(`state_passing_probability`) or streamed state passing "
+                    "(`training_streams`), not both. Received: "
+                    f"state_passing_probability={state_passing_probability}, "
+                    f"training_streams={training_streams!r}"
+                )
         # === Layers ===
         policy = keras.dtype_policies.get(dtype or keras.config.dtype_policy())
         self.token_embedding = ReversibleEmbedding(
@@ -299,6 +329,16 @@ class FAMBackbone(Backbone):
             dtype=policy,
             name="state_passing",
         )
+        self.stream_passing = None
+        if training_streams is not None:
+            self.stream_passing = StreamedStatePassing(
+                num_layers=num_layers,
+                fam_length=fam_length,
+                hidden_dim=hidden_dim,
+                streams=training_streams,
+                dtype=policy,
+                name="stream_passing",
+            )
         self.position_offset = RandomPositionOffset(
             max_offset=(
                 rope_max_wavelength
@@ -320,6 +360,8 @@ class FAMBackbone(Backbone):
             layer.build(sequence_shape)
         self.layer_norm.build(sequence_shape)
         self.state_passing.build()
+        if self.stream_passing is not None:
+            self.stream_passing.build()
 
         # === Functional Model ===
         # KerasHub backbones are functional models (KerasHub turns the base
@@ -348,6 +390,7 @@ class FAMBackbone(Backbone):
         )
         # Track the layers outside the graph.
         self.state_passing = self.state_passing
+        self.stream_passing = self.stream_passing
         self.position_offset = self.position_offset
         self.fam_summary_embedding = self.add_weight(
             name="fam_summary_embedding",
@@ -392,6 +435,7 @@ class FAMBackbone(Backbone):
         self.position_offset_probability = position_offset_probability
         self.max_position_offset = max_position_offset
         self.seed = seed
+        self.training_streams = training_streams
 
     @classmethod
     def from_preset(cls, preset, load_weights=True, **kwargs):
@@ -465,6 +509,10 @@ class FAMBackbone(Backbone):
         x = self.embed(token_ids, training=training)
         fams = self.initial_fams(batch_size, training=training)
         fams = self.state_passing.select(fams, training=training)
+        if self.stream_passing is not None:
+            fams = self.stream_passing.select(
+                fams, inputs.get("stream_reset"), training=training
+            )
         offset = self.position_offset.sample(training=training)
         final_fams = []
         for layer, fam in zip(self.transformer_layers, fams, strict=True):
@@ -490,6 +538,8 @@ class FAMBackbone(Backbone):
                 )
             final_fams.append(final)
         self.state_passing.update(final_fams, training=training)
+        if self.stream_passing is not None:
+            self.stream_passing.update(final_fams, training=training)
         return self.layer_norm(x)
 
     # === Streaming (generation, long documents) ===
@@ -893,6 +943,7 @@ class FAMBackbone(Backbone):
             "position_offset_probability": self.position_offset_probability,
             "max_position_offset": self.max_position_offset,
             "seed": self.seed,
+            "training_streams": self.training_streams,
         }
 
 

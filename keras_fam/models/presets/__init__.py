@@ -48,7 +48,7 @@ FAMILIES = {
 # FAM weights that no original weight fills: the summary embeddings, and the
 # Random State Passing buffer (training state, not a parameter).
 NEW_WEIGHTS = ("fam_summary_embedding",)
-NEW_STATE_PREFIXES = ("state_passing/", "position_offset/")
+NEW_STATE_PREFIXES = ("state_passing/", "stream_passing/", "position_offset/")
 FAM_ARGUMENTS = ("block_size", "memory_segments", "fam_length")
 
 
