@@ -12,6 +12,7 @@ Shape letters: B batch, C chunk length, D width, V vocabulary.
 """
 
 import json
+import numbers
 
 import keras
 import numpy as np
@@ -148,11 +149,13 @@ class FAMStreamer:
 
     `feed` accepts any number of tokens. Tokens up to the next block
     boundary and after the last whole block go through a compiled one-token
-    step, every whole block through a compiled one-block step (the layers'
-    fused block computation); each step is compiled once (Keras'
-    `predict_on_batch`: `jit` on JAX, `tf.function` on TensorFlow) and
-    reused however long the stream is. Memory stays constant unless the
-    outputs themselves are kept (`output="logits"` or `"hidden_states"`).
+    step; whole blocks go through a compiled step of `blocks_per_step`
+    blocks (the layers' fused block computation, looped inside the compiled
+    step), and the last few whole blocks through a one-block step. Each
+    step is compiled once per output kind (Keras' `predict_on_batch`: `jit`
+    on JAX, `tf.function` on TensorFlow) and reused however long the stream
+    is. Memory stays constant unless the outputs themselves are kept
+    (`output="logits"` or `"hidden_states"`).
 
     Outputs are bit-identical for the same sequence of `feed` calls whether
     or not the state went through `save`/`load` in between; a different
@@ -166,7 +169,11 @@ class FAMStreamer:
             `FAMState.load(path)`). Defaults to a fresh state.
         output: `"logits"`, `"hidden_states"`, `"last_logits"` (only the
             logits of the last token: constant memory however long the
-            stream) or `None` (nothing kept). Defaults to `"logits"`.
+            stream) or `None` (nothing kept). Defaults to `"logits"`;
+            `feed(..., output=...)` overrides it for one call.
+        blocks_per_step: int. Whole blocks fed per compiled step. More
+            blocks mean fewer calls (less per-call overhead) and a larger
+            compiled program. Defaults to `64`.
 
     Example:
 
@@ -176,24 +183,32 @@ class FAMStreamer:
     >>> resumed = FAMStreamer(causal_lm, state=FAMState.load("book.npz"))
     """
 
-    def __init__(self, model, batch_size=1, state=None, output="logits"):
+    def __init__(
+        self,
+        model,
+        batch_size=1,
+        state=None,
+        output="logits",
+        blocks_per_step=64,
+    ):
         backbone = getattr(model, "backbone", model)
         if not hasattr(backbone, "stream"):
             raise ValueError(
                 "`model` must be a FAMCausalLM or a FAMBackbone. "
                 f"Received: model={type(model).__name__}"
             )
-        if output not in OUTPUTS:
-            raise ValueError(
-                f"`output` must be one of {OUTPUTS}. "
-                f"Received: output={output!r}"
-            )
-        if output in ("logits", "last_logits") and backbone is model:
-            raise ValueError(
-                f"`output={output!r}` needs a FAMCausalLM; a backbone gives "
-                "`output='hidden_states'` or `None`."
-            )
         self.model = model
+        self._check_output(output, backbone)
+        if (
+            isinstance(blocks_per_step, bool)
+            or not isinstance(blocks_per_step, numbers.Integral)
+            or blocks_per_step < 1
+        ):
+            raise ValueError(
+                "`blocks_per_step` must be a positive integer. "
+                f"Received: blocks_per_step={blocks_per_step!r}"
+            )
+        self.blocks_per_step = int(blocks_per_step)
         self.backbone = backbone
         self.output = output
         if state is None:
@@ -205,26 +220,52 @@ class FAMStreamer:
             )
         state.check_model(backbone)
         self.state = state
-        logits = None if backbone is model else model.logits
-        self._block_step = _StreamStep(backbone, logits, output, blocks=True)
-        self._token_step = _StreamStep(backbone, logits, output, blocks=False)
+        self._steps = {}
+
+    def _check_output(self, output, backbone):
+        if output not in OUTPUTS:
+            raise ValueError(
+                f"`output` must be one of {OUTPUTS}. "
+                f"Received: output={output!r}"
+            )
+        if output in ("logits", "last_logits") and backbone is self.model:
+            raise ValueError(
+                f"`output={output!r}` needs a FAMCausalLM; a backbone gives "
+                "`output='hidden_states'` or `None`."
+            )
+
+    def _step(self, width, output):
+        """The compiled step for `width` tokens (one token, or whole
+        blocks) and one output kind, made on first use."""
+        key = (width, output)
+        if key not in self._steps:
+            logits = None if self.backbone is self.model else self.model.logits
+            self._steps[key] = _StreamStep(
+                self.backbone, logits, output, blocks=width > 1
+            )
+        return self._steps[key]
 
     def reset(self):
         """Start a new stream (fresh state)."""
         self.state = FAMState.initial(self.backbone, self.state.batch_size)
 
-    def feed(self, token_ids, verbose="auto"):
+    def feed(self, token_ids, verbose="auto", output="default"):
         """Feed `token_ids` `(B, T)` (any `T`) and advance the state.
 
         Args:
             token_ids: int array `(B, T)`.
             verbose: `"auto"` (a progress bar when `T` spans more than one
                 block), `0` or `1`.
+            output: what to return for this call (see the class
+                arguments). Defaults to the streamer's `output`.
 
         Returns:
             NumPy `(B, T, V)` logits, `(B, T, D)` hidden states, `(B, V)`
             last logits, or `None`, depending on `output`.
         """
+        if output == "default":
+            output = self.output
+        self._check_output(output, self.backbone)
         token_ids = np.asarray(ops.convert_to_numpy(token_ids))
         if token_ids.ndim != 2 or token_ids.shape[0] != self.state.batch_size:
             raise ValueError(
@@ -241,35 +282,37 @@ class FAMStreamer:
         position = self.state.position
         head = min((-position) % size, length)
         whole = (length - head) // size * size
+        chunk = self.blocks_per_step * size
+        multiple = whole // chunk * chunk
         steps = [(start, 1) for start in range(head)]
-        steps += [(start, size) for start in range(head, head + whole, size)]
+        steps += [(s, chunk) for s in range(head, head + multiple, chunk)]
+        steps += [(s, size) for s in range(head + multiple, head + whole, size)]
         steps += [(start, 1) for start in range(head + whole, length)]
         layers, outputs, last = self.state.layers, [], None
         for start, width in steps:
-            step = self._block_step if width == size else self._token_step
-            result = step.predict_on_batch(
+            result = self._step(width, output).predict_on_batch(
                 {
                     "token_ids": token_ids[:, start : start + width],
                     "state": layers,
                 }
             )
             layers = tuple(result["state"])
-            if self.output in ("logits", "hidden_states"):
+            if output in ("logits", "hidden_states"):
                 outputs.append(result["outputs"])
-            elif self.output == "last_logits":
+            elif output == "last_logits":
                 last = result["outputs"]
             if verbose:
                 progress.update(start + width)
         self.state = FAMState(layers, self.state.signature)
-        if self.output in ("logits", "hidden_states"):
+        if output in ("logits", "hidden_states"):
             return np.concatenate(outputs, axis=1) if outputs else None
-        if self.output == "last_logits" and last is not None:
+        if output == "last_logits" and last is not None:
             return last[:, -1]
         return None
 
 
 class _StreamStep(keras.Model):
-    """One compiled streaming step: a whole block at a block boundary
+    """One compiled streaming step: whole blocks at a block boundary
     (`blocks=True`, the layers' fused block step) or one token (the
     layers' streaming step, FAM update under `ops.cond`)."""
 

@@ -110,3 +110,24 @@ def test_state_from_another_model_or_file_is_rejected(tmp_path):
         FAMStreamer(lm, batch_size=2).feed(document(batch=1))
     with pytest.raises(ValueError, match="token_ids"):
         FAMStreamer(lm, batch_size=1).feed(document(batch=1) + VOCAB)
+
+
+def test_multi_block_steps_and_per_call_output():
+    """Whole blocks fed `blocks_per_step` at a time (and the rest block by
+    block, token by token) give the full forward pass; `feed(output=...)`
+    overrides the streamer's output for one call."""
+    lm = tiny_lm()
+    ids = document(length=47)  # Block 4: 11 whole blocks and 3 tokens.
+    inputs = {"token_ids": ids, "padding_mask": np.ones_like(ids, bool)}
+    full = np.asarray(ops.convert_to_numpy(lm(inputs)))
+    streamer = FAMStreamer(lm, batch_size=2, output=None, blocks_per_step=3)
+    assert streamer.feed(ids[:, :2], verbose=0) is None
+    # 2 tokens to the boundary, then 3 + 3 + 3 blocks, 1 block, 3 tokens.
+    rest = streamer.feed(ids[:, 2:], verbose=0, output="logits")
+    np.testing.assert_allclose(rest, full[:, 2:], atol=1e-5)
+    widths = sorted({width for width, _ in streamer._steps})
+    assert widths == [1, 4, 12], widths
+    with pytest.raises(ValueError, match="blocks_per_step"):
+        FAMStreamer(lm, blocks_per_step=0)
+    with pytest.raises(ValueError, match="output"):
+        streamer.feed(ids[:, :1], output="everything")
