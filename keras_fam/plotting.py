@@ -7,7 +7,11 @@ def plot_passkey(results, path):
     Args:
         results: dict as written by `examples/passkey_retrieval.py`:
             `results["models"][name]["accuracy"]` maps filler length (str)
-            to accuracy, `results["chance"]` is the chance level.
+            to accuracy, `results["models"][name]["samples"]` (optional) to
+            the number of sequences behind it, `results["chance"]` is the
+            chance level, `results["config"]["train_length"]` (optional)
+            the training segment, `results["base"]` (optional) the base
+            model's accuracy inside its context.
         path: str. Where to write the PNG.
 
     Returns:
@@ -18,19 +22,49 @@ def plot_passkey(results, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(8, 4.2))
-    markers = iter("s^vDPX" * 4)
-    lengths = set()
+    figure, axis = plt.subplots(figsize=(9, 4.8))
+    # BSWA lines differ in colour, marker and dash, and are shifted a
+    # little along the (log) x axis, so they stay apart where they overlap
+    # (at chance, or at 100% inside their window).
+    styles = iter(
+        [
+            ("tab:orange", "s", "--"),
+            ("tab:green", "^", "-."),
+            ("tab:red", "v", ":"),
+        ]
+        * 4
+    )
+    lengths, samples, shift = set(), {}, 2.0**-0.12
     for name, entry in results["models"].items():
         points = sorted((int(n), a) for n, a in entry["accuracy"].items())
         lengths.update(n for n, _ in points)
+        for n, count in entry.get("samples", {}).items():
+            samples.setdefault(int(n), count)
         xs = [max(n, 1) for n, _ in points]  # Filler 0 drawn at 1.
         ys = [100 * a for _, a in points]
         if name.startswith("FAM"):
-            axis.plot(xs, ys, "-o", label=name, markersize=5, linewidth=2)
-        else:
             axis.plot(
-                xs, ys, "--", marker=next(markers), label=name, markersize=4
+                xs,
+                ys,
+                "-o",
+                color="tab:blue",
+                label=name,
+                markersize=6,
+                linewidth=2.5,
+                zorder=3,
+            )
+        else:
+            color, marker, dash = next(styles)
+            shift *= 2.0**0.06
+            axis.plot(
+                [x * shift for x in xs],
+                ys,
+                linestyle=dash,
+                marker=marker,
+                color=color,
+                label=name,
+                markersize=5,
+                linewidth=1.5,
             )
     axis.axhline(
         100 * results["chance"], color="grey", linestyle=":", label="chance"
@@ -47,12 +81,25 @@ def plot_passkey(results, path):
     axis.set_xscale("log", base=2)
     ticks = sorted(lengths)
     axis.set_xticks([max(n, 1) for n in ticks])
-    axis.set_xticklabels([_short_number(n) for n in ticks])
+    axis.set_xticklabels(
+        [
+            _short_number(n) + (f"\nn={samples[n]}" if n in samples else "")
+            for n in ticks
+        ],
+        fontsize=8,
+    )
     axis.minorticks_off()
-    axis.set_xlabel("filler tokens")
-    axis.set_ylabel("pass-key accuracy (%)")
+    axis.set_xlabel("filler tokens (n = sequences per point)")
+    axis.set_ylabel("pass-key exact match (%)")
     axis.set_ylim(-2, 102)
-    axis.set_title("PassKey retrieval (cf. TransformerFAM paper, Fig. 3a)")
+    title = "PassKey retrieval (cf. TransformerFAM paper, Fig. 3a)"
+    base = results.get("base")
+    if base:
+        title += (
+            f"\nbase model inside its {base['context']}-token context: "
+            f"{100 * base['accuracy_in_context']:.1f}%"
+        )
+    axis.set_title(title, fontsize=10)
     axis.grid(alpha=0.3)
     axis.legend(loc="center right", fontsize=8)
     figure.tight_layout()

@@ -18,9 +18,14 @@ def test_plot_passkey_draws_every_model(tmp_path):
         "config": {"train_length": 256},  # Drawn as a vertical line.
         "chance": 0.1,
         "models": {
-            "FAM": {"accuracy": {"0": 1.0, "256": 1.0, "4096": 0.3}},
+            "FAM": {
+                "accuracy": {"0": 1.0, "256": 1.0, "4096": 0.3},
+                "samples": {"0": 100, "256": 100, "4096": 20},
+            },
             "BSWA M1": {"accuracy": {"0": 1.0, "256": 0.1}},
+            "BSWA M2": {"accuracy": {"0": 1.0, "256": 0.1}},
         },
+        "base": {"context": 128, "accuracy_in_context": 0.998},
     }
     path = plotting.plot_passkey(results, str(tmp_path / "passkey.png"))
     pixels = _png_pixels(path)

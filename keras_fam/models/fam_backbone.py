@@ -396,6 +396,9 @@ class FAMBackbone(Backbone):
             name="fam_summary_embedding",
             shape=(fam_length, hidden_dim),
             initializer=keras.initializers.RandomNormal(stddev=0.02),
+            # Empty for BSWA: nothing to train (and no "gradients do not
+            # exist" warning from the optimizer).
+            trainable=bool(fam_length),
         )
         self.built = True
 
