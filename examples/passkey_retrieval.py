@@ -1,607 +1,578 @@
-"""PassKey retrieval: TransformerFAM vs TransformerBSWA (paper Fig. 3a).
+"""PassKey retrieval the paper's way: a pretrained checkpoint, FAM, LoRA, fit.
 
-Trains tiny TransformerFAM and TransformerBSWA models (BSWA with M0, M1 and
-M2 memory segments) from scratch with `model.fit`, then measures pass-key
-accuracy against filler length far past the training length, streaming
-every evaluation sequence chunk by chunk through the layers' fixed-size
-state (`TransformerFAM.get_initial_state` / `return_state=True`), so memory
-does not grow with the filler. Prints a table (model x filler length), and
-writes `passkey.json` (all numbers, config, timings) and `passkey.png` (a
-plot like the paper's Fig. 3a) to `--output-dir`.
+The paper's pipeline (arXiv 2404.09173, Fig. 3a) end to end through the
+public API of keras_fam and KerasHub:
+
+1. **Base model.** A small KerasHub `LlamaCausalLM` (full causal attention,
+   its own SentencePiece tokenizer) pretrained within its context on
+   PassKey-format text, saved with `save_to_preset`. It stands in for a
+   downloaded Gemma/Llama checkpoint (which cannot be fetched here): the
+   rest of the job loads it by path, the same code path a preset name
+   takes. It is built once and cached in `--base-preset` (default
+   `passkey_results/base_preset`); `--rebuild-base` builds it again, and so
+   does any change of its flags. Its exact-match accuracy on keys inside its
+   context is measured and kept in the JSON.
+2. **FAM.** `FAMCausalLM.from_preset(base, block_size=..., memory_segments=0,
+   fam_length=..., fam_normalization=True, training_streams=...)`, then
+   `backbone.enable_lora(rank)`: the trainable weights are the LoRA
+   adapters and the summary embeddings only (printed). `fit` trains on
+   long streams from `keras_fam.training.streamed_dataset`: every batch row
+   is an endless stream of PassKey episodes cut into segments, continued
+   from that row's own final FAM at the next step (per-row state passing,
+   `training_streams`).
+3. **BSWA baselines** M0, M1, M2: the same preset, `fam_length=0`, the same
+   LoRA rank, `fit` on single episodes.
+4. **Evaluation** through `keras_fam.state.FAMStreamer` (compiled steps on
+   JAX and TensorFlow, fixed-size state): each sequence is streamed to the
+   question, and the key's digits are read from the logits of the answer
+   (teacher forcing: the whole key is right iff greedy decoding gives it).
 
     python examples/passkey_retrieval.py                  # JAX (default)
-    KERAS_BACKEND=torch python examples/passkey_retrieval.py --fam-steps 300
-    python examples/passkey_retrieval.py --eval-lengths 0 200 4096 65536 262144
+    python examples/passkey_retrieval.py --eval-lengths 0 1024 262144
+    KERAS_BACKEND=torch python examples/passkey_retrieval.py
 
-The task (the paper's prompt, word-level tokens, 52-word vocabulary):
-"There is an important info hidden inside a lot of irrelevant text . Find
-it and memorize it . I will quiz you about the important information there
-. The pass key is K . Remember it . K is the pass key . <filler> What is
-the pass key ? The pass key is K". The filler repeats the paper's five
-sentences ("The grass is green . The sky is blue . ..."; `--filler random`
-shuffles their order). K has `--key-digits` digits (default 1: chance is
-10%). Accuracy is whole-key exact match; digits are scored under teacher
-forcing, which gives the same exact-match as greedy decoding.
+The prompt (the paper's): "There is an important info hidden inside a lot
+of irrelevant text. Find it and memorize it. I will quiz you about the
+important information there. The pass key is 71432. Remember it. 71432 is
+the pass key. <filler> What is the pass key? The pass key is 71432." The
+filler repeats "The grass is green. The sky is blue. The sun is yellow.
+Here we go. There and back again." The key has `--key-digits` digits
+(default 5, chance 1e-5); accuracy is exact match of the whole key.
 
-Models (defaults): 2 layers, width 64, 4 heads, block 16. FAM: 8 FAM
-vectors, 0 memory segments (the paper's PassKey setting), a learned
-initial FAM per layer, FAM normalisation. BSWA: no FAM, M = 0, 1, 2;
-its receptive field is `num_layers * (M + 1) * block_size` = 32, 64, 96
-tokens.
-
-Training (what the defaults use, and why):
-- FAM normalisation (`--fam-normalization`, on): every layer rescales its
-  carried FAM to unit root-mean-square after each block
-  (`TransformerFAM(fam_normalization=True)`; no weights, not in the paper).
-  The FAM's residual stream otherwise adds one update per block, so its
-  size grows with the filler and the tiny model meets states it never saw
-  in training: without it the key held to about 4x the training segment
-  and then drifted (evidence below). This is the one change that took FAM
-  from 0.23 to 1.00 at 16384 filler tokens.
-- Per-row state passing over streamed episodes (`--reset-probability
-  0.2`): every batch row is an endless stream of PassKey episodes cut into
-  256-token segments; each step continues each row where the last stopped,
-  starting from that row's final FAM of the previous step (kept in
-  non-trainable variables; the gradient stops at the segment boundary), and
-  a row restarts from the learned initial FAM with probability 0.2. This is
-  the paper's Random State Passing made per row and continuous: the paper
-  carries row 0's FAM into unrelated sequences, which here (a 1-digit key
-  that must be overwritten) left training accuracy at 0.23 after 600 steps.
-- Log-uniform filler lengths up to `--longest-filler 480`, so episodes
-  cross segment boundaries (the FAM must hold the key across steps) while
-  short fillers keep BSWA and the early FAM learnable; a curriculum grows
-  the longest filler from 16 over the first 30% of steps.
-- AdamW (learning rate 3e-3, cosine decay to 5%, weight decay 0.01, clip
-  norm 1), 800 steps of 32 x 256 tokens.
-- A 1-digit key: a 2-digit key in the same budget (1000 steps) reached
-  1.00 / 1.00 / 0.91 / 0.86 / 0.89 at filler 0 / 200 / 1024 / 4096 / 16384:
-  held as steadily, but its digits not always in order.
-
-Evidence (JAX, this shared 2-core machine; pass-key accuracy at filler
-lengths 256 / 1024 / 4096 / 16384, 100 sequences each):
-- the defaults (800 steps): 1.00 / 1.00 / 1.00 / 1.00, and 1.00 at
-  65536 (100 sequences) and at 262144 (20 sequences), the paper's length.
-- seed 1: 1.00 / 1.00 / 1.00 / 1.00, and 1.00 at 65536.
-- without FAM normalisation (`--no-fam-normalization`): 1.00 / 0.38 /
-  0.16 / 0.10. The FAM's RMS before the question grows with the filler,
-  10 / 34 / 94 / 331 / 1253 at 0 / 256 / 1024 / 4096 / 16384 tokens (about
-  1.2 per block): each block's update is added to the residual stream.
-- without state passing (`--reset-probability 1`, normalisation on): 1.00
-  / 0.70 / 0.66 / 0.68: the memory is stable (flat beyond 1024), but
-  every segment starts afresh, so no key is ever held longer than one
-  256-token segment in training.
-- before FAM normalisation, 1000 steps, machine at load ~9 (filler 200 /
-  1024 / 4096 / 16384): paper-style RSP (p = 0.8, uniform filler <= 230)
-  1.00 / 0.48 / 0.14 / 0.00; streamed episodes with filler <= 2048 0.88 /
-  0.28 / 0.06 / 0.10; with a curriculum to 2048 over all steps 1.00 / 0.58
-  / 0.06 / 0.14; these defaults without normalisation 1.00 / 0.88 / 0.29
-  / 0.23.
-- `--filler random` (sentences in random order, in training and
-  evaluation): 1.00 / 0.95 / 0.86 / 0.89, a plateau rather than a decay:
-  unpredictable filler perturbs the memory more than the repeated one.
-- PyTorch, the defaults with `--eval-lengths` up to 16384: FAM 1.00 at
-  every length (617 s wall in all; its streaming runs eagerly, about 8x
-  slower per token than JAX's compiled step).
-- BSWA M1 and M2: 1.00 at filler 0 (the key inside the receptive field)
-  and chance (0.06-0.14) from filler 64 on; M0 sees only its own block
-  and is at chance throughout. A finer sweep (`--eval-lengths 0 16 32 48
-  64 96`): M1 1.00 to filler 16 and chance from 32, M2 1.00 to filler 48
-  and chance from 64, where the key is 46 and 78 tokens back, past the
-  `num_layers * M * block_size` = 32 and 64 tokens every position reaches.
-
-Timing of the defaults (JAX, this 2-core machine at load average 2): 385 s
-wall, 615 s CPU; FAM training 211 s, FAM evaluation 99 s (35 s for 100
-streams of 65536 filler tokens, 47 s for 20 of 262144), each BSWA model
-20-24 s training and 2-3 s evaluation. Every number is in `passkey.json`
-(`total_seconds`, `cpu_seconds`, `load_average`, per-length evaluation
-seconds and sample counts, and `fam_rms`, the FAM's size before the
-question).
+Prints a table (model x filler length) and writes `passkey.json` and
+`passkey.png` to `--output-dir`.
 """
 
 import argparse
+import io
 import json
 import os
 import sys
 import time
 
-import keras
-import numpy as np
-from keras import ops
+# JAX unless `KERAS_BACKEND` says otherwise: its compiled streaming step is
+# the fastest on CPU.
+os.environ.setdefault("KERAS_BACKEND", "jax")
 
-from keras_fam.layers import TransformerFAM
+import keras  # noqa: E402
+import keras_hub  # noqa: E402
+import numpy as np  # noqa: E402
 
-# === The task: token sequences in the paper's PassKey format ===
+from keras_fam.models import FAMCausalLM  # noqa: E402
+from keras_fam.state import FAMStreamer  # noqa: E402
+from keras_fam.training import streamed_dataset  # noqa: E402
+
+# === The task: the paper's PassKey prompt, tokenized by the base model ===
 
 INTRO = (
-    "There is an important info hidden inside a lot of irrelevant text . "
-    "Find it and memorize it . I will quiz you about the important "
-    "information there ."
-).split()
-KEY_BEFORE = "The pass key is".split()
-KEY_BETWEEN = ". Remember it .".split()
-KEY_AFTER = "is the pass key .".split()
+    "There is an important info hidden inside a lot of irrelevant text. "
+    "Find it and memorize it. I will quiz you about the important "
+    "information there."
+)
 FILLER = (
-    "The grass is green . The sky is blue . The sun is yellow . Here we go . "
-    "There and back again ."
-).split()
-QUESTION = "What is the pass key ? The pass key is".split()
-DIGITS = [str(d) for d in range(10)]
+    "The grass is green. The sky is blue. The sun is yellow. Here we go. "
+    "There and back again."
+)
+QUESTION = "What is the pass key? The pass key is"
+DIGITS = "0123456789"
 
 
-def _vocabulary():
-    words = []
-    for word in INTRO + KEY_BEFORE + KEY_BETWEEN + KEY_AFTER + FILLER:
-        if word not in words:
-            words.append(word)
-    for word in QUESTION + DIGITS:
-        if word not in words:
-            words.append(word)
-    return words
-
-
-VOCABULARY = _vocabulary()
-TOKEN = {word: index for index, word in enumerate(VOCABULARY)}
-FILLER_SENTENCES = []
-for _sentence in " ".join(FILLER).split(" . "):
-    FILLER_SENTENCES.append([TOKEN[w] for w in _sentence.strip(" .").split()])
-    FILLER_SENTENCES[-1].append(TOKEN["."])
-
-
-def _ids(words):
-    return np.array([TOKEN[w] for w in words], dtype="int32")
+def passkey_text(key, filler_repeats=1):
+    """The paper's prompt as text, with the filler sentences repeated."""
+    filler = " ".join([FILLER] * filler_repeats)
+    return (
+        f"{INTRO} The pass key is {key}. Remember it. {key} is the pass "
+        f"key. {filler} {QUESTION} {key}."
+    )
 
 
 class PassKeyTask:
-    """Builds PassKey token sequences.
+    """PassKey token sequences in the vocabulary of `tokenizer`.
 
-    A sequence is `INTRO, "The pass key is" K ". Remember it ." K "is the
-    pass key .", filler, "What is the pass key ? The pass key is" K`, with
-    `filler_length` filler tokens between the second key and the question.
-    `filler="repeated"` repeats the paper's five sentences in order;
-    `filler="random"` draws the sentences in random order.
+    The prompt is tokenized once, in three pieces (the part up to the
+    filler with the key twice, one cycle of filler sentences, and the
+    question with its answer); sequences are these ids with the key's digit
+    tokens filled in and the filler cycle cut to `filler_length` tokens.
+
+    Args:
+        tokenizer: a KerasHub tokenizer whose digits are single tokens.
+        key_digits: int. Digits of the key.
     """
 
-    def __init__(self, key_digits=1, filler="repeated"):
+    def __init__(self, tokenizer, key_digits=5):
         if key_digits < 1:
             raise ValueError(
                 f"`key_digits` must be >= 1. Received: key_digits={key_digits}"
             )
-        if filler not in ("repeated", "random"):
-            raise ValueError(
-                "`filler` must be 'repeated' or 'random'. "
-                f"Received: filler={filler!r}"
-            )
         self.key_digits = key_digits
-        self.filler = filler
-        self.intro = _ids(INTRO + KEY_BEFORE)
-        self.between = _ids(KEY_BETWEEN)
-        self.after = _ids(KEY_AFTER)
-        self.question = _ids(QUESTION)
-        self.digit_ids = _ids(DIGITS)
-        self.cycle = np.concatenate([np.array(s) for s in FILLER_SENTENCES])
-
-    @property
-    def vocabulary_size(self):
-        return len(VOCABULARY)
+        encode = lambda text: np.asarray(  # noqa: E731
+            keras.ops.convert_to_numpy(tokenizer(text)), dtype="int32"
+        )
+        self.digit_ids = encode(DIGITS)[-10:]
+        placeholder = "0" * key_digits
+        head = passkey_text(placeholder).split(FILLER)[0].rstrip()
+        start = tokenizer.token_to_id(tokenizer.start_token)
+        self.head = np.concatenate([[start], encode(head)]).astype("int32")
+        self.head_key = np.flatnonzero(np.isin(self.head, self.digit_ids))
+        self.cycle = encode(FILLER)
+        self.question = encode(f"{QUESTION} {placeholder}.")
+        self.question_key = np.flatnonzero(
+            np.isin(self.question, self.digit_ids)
+        )
+        if (
+            len(self.head_key) != 2 * key_digits
+            or len(self.question_key) != key_digits
+            or len(self.digit_ids) != 10
+        ):
+            raise ValueError(
+                "The tokenizer must encode every digit as one token."
+            )
 
     def overhead(self):
         """Tokens of a sequence that are not filler."""
-        k = self.key_digits
-        return (
-            len(self.intro)
-            + len(self.between)
-            + len(self.after)
-            + len(self.question)
-            + 3 * k
+        return len(self.head) + len(self.question)
+
+    def filler(self, length):
+        reps = length // len(self.cycle) + 1
+        return np.tile(self.cycle, reps)[:length]
+
+    def sequence(self, key, filler_length):
+        """`(token_ids, answer_start)` for one key (digit values)."""
+        head, question = self.head.copy(), self.question.copy()
+        head[self.head_key] = np.tile(self.digit_ids[key], 2)
+        question[self.question_key] = self.digit_ids[key]
+        ids = np.concatenate([head, self.filler(filler_length), question])
+        start = len(head) + filler_length + self.question_key[0]
+        return ids, start
+
+    def batch(self, rng, batch, filler_length):
+        """`(token_ids (B, T), keys (B, K), answer_start)`."""
+        keys = rng.integers(0, 10, (batch, self.key_digits))
+        rows = [self.sequence(key, filler_length) for key in keys]
+        return np.stack([r[0] for r in rows]), keys, rows[0][1]
+
+    def loss_weights(self, length, answer_start, answer_only):
+        """Weights of predicting each token of a sequence: the answer's
+        digits (`answer_only`) or every predictable token (all but the
+        key's first occurrence, which is random)."""
+        weights = np.zeros(length, "float32")
+        if not answer_only:
+            weights[:] = 1.0
+            weights[self.head_key[: self.key_digits]] = 0.0
+        weights[answer_start : answer_start + self.key_digits] = 1.0
+        return weights
+
+    def document_sampler(self, shortest, longest, answer_only=True):
+        """`rng -> (token_ids, weights)` with a log-uniform filler length
+        in `[shortest, longest]`, for `streamed_dataset`."""
+
+        def sample(rng):
+            filler = sample_filler_length(rng, shortest, longest)
+            key = rng.integers(0, 10, self.key_digits)
+            ids, start = self.sequence(key, filler)
+            return ids, self.loss_weights(len(ids), start, answer_only)
+
+        return sample
+
+
+def sample_filler_length(rng, shortest, longest):
+    """Log-uniform in `[shortest, longest]`: short and long fillers alike."""
+    low, high = np.log(shortest + 1.0), np.log(longest + 1.0)
+    return int(np.exp(rng.uniform(low, high))) - 1
+
+
+def padded_batch(task, rng, batch, context, answer_only):
+    """Single episodes (filler up to what fits in `context`), right-padded:
+    `(x, y, sample_weight)` for `fit` without a preprocessor."""
+    longest = context - task.overhead()
+    tokens = np.zeros((batch, context + 1), "int32")
+    weights = np.zeros((batch, context + 1), "float32")
+    lengths = np.zeros(batch, "int32")
+    for row in range(batch):
+        filler = sample_filler_length(rng, 0, longest)
+        key = rng.integers(0, 10, task.key_digits)
+        ids, start = task.sequence(key, filler)
+        lengths[row] = len(ids)
+        tokens[row, : len(ids)] = ids
+        weights[row, : len(ids)] = task.loss_weights(
+            len(ids), start, answer_only
         )
-
-    def filler_tokens(self, rng, batch, length):
-        if self.filler == "repeated":
-            reps = length // len(self.cycle) + 1
-            row = np.tile(self.cycle, reps)[:length]
-            return np.broadcast_to(row, (batch, length))
-        # Random order of sentences: draw enough sentences per row.
-        lengths = np.array([len(s) for s in FILLER_SENTENCES])
-        per_row = length // lengths.min() + 2
-        choice = rng.integers(0, len(FILLER_SENTENCES), (batch, per_row))
-        out = np.empty((batch, length), dtype="int32")
-        table = [np.array(s, dtype="int32") for s in FILLER_SENTENCES]
-        for b in range(batch):
-            out[b] = np.concatenate([table[c] for c in choice[b]])[:length]
-        return out
-
-    def batch(self, rng, batch, filler_length, total_length=None):
-        """A batch of sequences with the same filler length.
-
-        Returns `(tokens, keys, answer_start)`: int32 `(batch, T)` tokens
-        (`T = overhead + filler_length`, or `total_length` with filler
-        appended after the answer), the `(batch, key_digits)` key digit
-        indices, and the index of the first answer digit.
-        """
-        k = self.key_digits
-        keys = rng.integers(0, 10, (batch, k))
-        key_ids = self.digit_ids[keys]
-        rep = lambda a: np.broadcast_to(a, (batch, len(a)))  # noqa: E731
-        parts = [
-            rep(self.intro),
-            key_ids,
-            rep(self.between),
-            key_ids,
-            rep(self.after),
-            self.filler_tokens(rng, batch, filler_length),
-            rep(self.question),
-        ]
-        answer_start = sum(p.shape[1] for p in parts)
-        parts.append(key_ids)
-        length = answer_start + k
-        if total_length is not None:
-            if total_length < length:
-                raise ValueError(
-                    f"`total_length` {total_length} < sequence {length}"
-                )
-            parts.append(self.filler_tokens(rng, batch, total_length - length))
-        tokens = np.concatenate(parts, axis=1).astype("int32")
-        return tokens, keys, answer_start
+    x = {
+        "token_ids": tokens[:, :-1],
+        "padding_mask": np.arange(context)[None] < lengths[:, None],
+    }
+    return x, tokens[:, 1:], weights[:, 1:]
 
 
-# === The model: embedding, TransformerFAM layers, head ===
+# === Stage 1: the base model (a stand-in for a downloaded checkpoint) ===
 
 
-@keras.saving.register_keras_serializable(package="keras_fam_examples")
-class PassKeyModel(keras.Model):
-    """Token embedding, `num_layers` TransformerFAM layers, norm, head.
+def train_tokenizer(vocabulary_size, seed):
+    """A SentencePiece BPE tokenizer trained on PassKey text, digits split
+    into single tokens, Llama's special tokens."""
+    import sentencepiece as spm
 
-    `fam_length=0` gives TransformerBSWA. Each layer starts a new sequence
-    from its own learned initial FAM (`TransformerFAM.initial_fam`).
-
-    Training input is a dict: `"tokens"` `(B, T)` and `"reset"` `(B,)`.
-    With `state_passing=True` (FAM only) the model keeps every layer's final
-    FAM of every batch row in non-trainable variables (like BatchNorm
-    statistics, so it works inside `model.fit` on every backend) and starts
-    the next step from it, except for rows with `reset=1`, which start
-    from the learned initial FAM. The data then continue each row's token
-    stream from step to step (`training_batches`), so this is truncated
-    backpropagation through time over a long stream: the gradient stops at
-    step boundaries but the FAM runs on. It generalises the paper's Random
-    State Passing (which carries row 0's FAM into unrelated sequences).
-
-    For evaluation the input is a dict `"tokens"`, `"states"` (one
-    `TransformerFAM` state per layer) and the call streams the tokens
-    through the layers' constant-memory state (`stream`).
-    """
-
-    def __init__(
-        self,
-        vocabulary_size,
-        batch_size,
-        num_layers=2,
-        hidden_dim=64,
-        num_heads=4,
-        block_size=16,
-        memory_segments=0,
-        fam_length=8,
-        state_passing=True,
-        fam_normalization=False,
-        **kwargs,
-    ):
-        super().__init__(**kwargs)
-        self.vocabulary_size = vocabulary_size
-        self.batch_size = batch_size
-        self.num_layers = num_layers
-        self.hidden_dim = hidden_dim
-        self.num_heads = num_heads
-        self.block_size = block_size
-        self.memory_segments = memory_segments
-        self.fam_length = fam_length
-        self.state_passing = bool(state_passing and fam_length)
-        self.fam_normalization = fam_normalization
-        self.embedding = keras.layers.Embedding(
-            vocabulary_size, hidden_dim, name="embedding"
-        )
-        self.blocks = [
-            TransformerFAM(
-                num_heads=num_heads,
-                block_size=block_size,
-                memory_segments=memory_segments,
-                fam_length=fam_length,
-                fam_normalization=fam_normalization,
-                name=f"transformer_fam_{i}",
-            )
-            for i in range(num_layers)
-        ]
-        self.final_norm = keras.layers.LayerNormalization(name="final_norm")
-        self.head = keras.layers.Dense(vocabulary_size, name="head")
-
-    def build(self, input_shape=None):
-        shape = (None, None, self.hidden_dim)
-        self.embedding.build((None, None))
-        for block in self.blocks:
-            block.build(shape)
-        self.final_norm.build(shape)
-        self.head.build(shape)
-        if self.state_passing:
-            self.carried_fam = [
-                self.add_weight(
-                    shape=(self.batch_size, self.fam_length, self.hidden_dim),
-                    initializer="zeros",
-                    trainable=False,
-                    name=f"carried_fam_{i}",
-                )
-                for i in range(self.num_layers)
-            ]
-        self.built = True
-
-    def call(self, inputs, training=False):
-        if "states" in inputs:  # Streaming (evaluation).
-            return self.stream(inputs["tokens"], inputs["states"])
-        tokens = inputs["tokens"]
-        x = self.embedding(tokens)
-        passing = bool(training and self.state_passing)
-        if passing:
-            reset = ops.cast(inputs["reset"], "bool")[:, None, None]
-        for i, block in enumerate(self.blocks):
-            if not passing:
-                x = block(x, training=training)
-                continue
-            initial = ops.broadcast_to(
-                ops.convert_to_tensor(block.initial_fam)[None],
-                (self.batch_size, self.fam_length, self.hidden_dim),
-            )
-            carried = ops.convert_to_tensor(self.carried_fam[i])
-            fam = ops.where(reset, initial, carried)
-            x, final = block(x, fam=fam, return_fam=True, training=training)
-            self.carried_fam[i].assign(ops.stop_gradient(final))
-        return self.head(self.final_norm(x))
-
-    def stream(self, tokens, states):
-        """Continue sequences: `tokens` `(B, C)` whose first token starts a
-        block; `states` one per layer, whose absolute position is kept in
-        `position_offset` (and `index` at zero).
-
-        Returns `(logits (B, C, V), states)`.
-        """
-        x = self.embedding(tokens)
-        new_states = []
-        for block, state in zip(self.blocks, states, strict=True):
-            # The absolute position lives in `position_offset`; the chunk
-            # starts a block at index 0, known when traced (`state_index`),
-            # so whole blocks run through the fused block step.
-            x, state = block(x, state=state, state_index=0, return_state=True)
-            state["position_offset"] = state["position_offset"] + state["index"]
-            state["index"] = ops.zeros_like(state["index"])
-            new_states.append(state)
-        return self.head(self.final_norm(x)), new_states
-
-    def get_config(self):
-        return {
-            **super().get_config(),
-            "vocabulary_size": self.vocabulary_size,
-            "batch_size": self.batch_size,
-            "num_layers": self.num_layers,
-            "hidden_dim": self.hidden_dim,
-            "num_heads": self.num_heads,
-            "block_size": self.block_size,
-            "memory_segments": self.memory_segments,
-            "fam_length": self.fam_length,
-            "state_passing": self.state_passing,
-            "fam_normalization": self.fam_normalization,
-        }
+    rng = np.random.default_rng(seed)
+    texts = [
+        passkey_text("".join(rng.choice(list(DIGITS), 5)), 2)
+        for _ in range(1000)
+    ]
+    proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts),
+        model_writer=proto,
+        vocab_size=vocabulary_size,
+        model_type="bpe",
+        character_coverage=1.0,
+        hard_vocab_limit=False,
+        split_digits=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=3,
+    )
+    return keras_hub.models.LlamaTokenizer(proto=proto.getvalue())
 
 
-# === Training ===
+def base_config(args):
+    return {
+        "key_digits": args.key_digits,
+        "base_context": args.base_context,
+        "base_hidden_dim": args.base_hidden_dim,
+        "base_layers": args.base_layers,
+        "base_heads": args.base_heads,
+        "base_max_steps": args.base_max_steps,
+        "vocabulary_size": args.vocabulary_size,
+        "seed": args.seed,
+        "backend": keras.backend.backend(),
+    }
 
 
-def sample_filler_length(rng, longest):
-    """Log-uniform filler length in `[0, longest]`: short and long fillers
-    alike (BSWA learns from the short ones, FAM must hold the long ones)."""
-    return int(np.exp(rng.uniform(0.0, np.log(longest + 1.0)))) - 1
-
-
-def training_batches(
-    task,
-    rng,
-    batch_size,
-    train_length,
-    longest_filler,
-    steps,
-    curriculum_steps=0,
-    reset_probability=0.1,
-    shortest_filler=16,
-):
-    """Yields `({"tokens", "reset"}, targets, weights)` for `model.fit`.
-
-    Every batch row is an endless stream of PassKey episodes (each with its
-    own key and a log-uniform filler length up to `longest_filler`), cut
-    into consecutive `train_length`-token segments: step `t + 1` continues
-    each row where step `t` stopped, so an episode can span many steps.
-    With probability `reset_probability` a row instead starts a fresh
-    stream (`reset=1`: the model starts it from the initial FAM). Over the
-    first `curriculum_steps` steps the longest filler grows linearly from
-    `shortest_filler` to `longest_filler` (a curriculum on filler length).
-    Only the answer digits carry loss.
-    """
-    buffers = [np.zeros(0, "int32")] * batch_size
-    marks = [np.zeros(0, "float32")] * batch_size
+def exact_match(lm, task, tokens, keys, starts):
+    """Whole-key exact match of a full-attention model under teacher
+    forcing (right iff greedy decoding gives the key)."""
+    padding = np.ones_like(tokens, bool)
+    logits = lm.predict(
+        {"token_ids": tokens, "padding_mask": padding},
+        batch_size=len(tokens),
+        verbose=0,
+    )
     k = task.key_digits
-    for step in range(steps):
-        longest = longest_filler
-        if curriculum_steps and step < curriculum_steps:
-            longest = shortest_filler + (
-                (longest_filler - shortest_filler) * step // curriculum_steps
+    rows = np.arange(len(tokens))[:, None]
+    columns = np.asarray(starts)[:, None] - 1 + np.arange(k)[None]
+    predicted = np.argmax(logits[rows, columns], axis=-1)
+    return float(np.mean(np.all(predicted == task.digit_ids[keys], axis=1)))
+
+
+def held_out_set(task, rng, count, context):
+    """Sequences with fillers spread over what fits in `context`, padded to
+    `context`."""
+    longest = context - task.overhead()
+    tokens = np.zeros((count, context), "int32")
+    keys, starts = [], []
+    for row in range(count):
+        key = rng.integers(0, 10, task.key_digits)
+        ids, start = task.sequence(key, int(rng.integers(0, longest + 1)))
+        tokens[row, : len(ids)] = ids
+        keys.append(key)
+        starts.append(start)
+    return tokens, np.array(keys), np.array(starts)
+
+
+def build_base_preset(args):
+    """Pretrain the base `LlamaCausalLM` within its context and save it
+    with `save_to_preset`; reuse it when it was built with the same
+    flags."""
+    path = args.base_preset
+    report_path = os.path.join(path, "passkey_base.json")
+    config = base_config(args)
+    if not args.rebuild_base and os.path.exists(report_path):
+        with open(report_path) as f:
+            report = json.load(f)
+        if report["config"] == config:
+            print(
+                f"Base preset: reusing {path} (exact match in context "
+                f"{report['accuracy']:.3f}; --rebuild-base to rebuild)"
             )
-        reset = np.zeros(batch_size, "float32")
-        for row in range(batch_size):
-            if step == 0 or rng.uniform() < reset_probability:
-                buffers[row] = np.zeros(0, "int32")
-                marks[row] = np.zeros(0, "float32")
-                reset[row] = 1.0
-            pieces, piece_marks = [buffers[row]], [marks[row]]
-            have = len(buffers[row])
-            while have < train_length + 1:
-                filler = sample_filler_length(rng, longest)
-                tokens, _, start = task.batch(rng, 1, filler)
-                mark = np.zeros(tokens.shape[1], "float32")
-                mark[start : start + k] = 1.0
-                pieces.append(tokens[0])
-                piece_marks.append(mark)
-                have += tokens.shape[1]
-            buffers[row] = np.concatenate(pieces)
-            marks[row] = np.concatenate(piece_marks)
-        tokens = np.stack([b[: train_length + 1] for b in buffers])
-        weights = np.stack([m[1 : train_length + 1] for m in marks])
-        buffers = [b[train_length:] for b in buffers]
-        marks = [m[train_length:] for m in marks]
-        inputs = {"tokens": tokens[:, :-1], "reset": reset}
-        yield inputs, tokens[:, 1:], weights
-
-
-def build_model(task, fam_length, memory_segments, args):
-    model = PassKeyModel(
-        vocabulary_size=task.vocabulary_size,
-        batch_size=args.batch_size,
-        num_layers=args.num_layers,
-        hidden_dim=args.hidden_dim,
-        num_heads=args.num_heads,
-        block_size=args.block_size,
-        memory_segments=memory_segments,
-        fam_length=fam_length,
-        state_passing=args.reset_probability < 1.0,
-        fam_normalization=bool(fam_length and args.fam_normalization),
+            return report
+        print(f"Base preset: {path} was built with other flags; rebuilding")
+    start = time.time()
+    keras.utils.set_random_seed(args.seed)
+    tokenizer = train_tokenizer(args.vocabulary_size, args.seed)
+    task = PassKeyTask(tokenizer, args.key_digits)
+    width = args.base_hidden_dim
+    backbone = keras_hub.models.LlamaBackbone(
+        vocabulary_size=tokenizer.vocabulary_size(),
+        num_layers=args.base_layers,
+        num_query_heads=args.base_heads,
+        num_key_value_heads=args.base_heads,
+        hidden_dim=width,
+        intermediate_dim=4 * width,
+        rope_max_wavelength=10000,
     )
-    model.build()
-    return model
-
-
-def train(model, task, args, steps, train_length, longest_filler, verbose=1):
-    rng = np.random.default_rng(args.seed)
-    schedule = keras.optimizers.schedules.CosineDecay(
-        args.learning_rate,
-        steps,
-        alpha=0.05,
-        warmup_target=None,
-    )
-    model.compile(
+    lm = keras_hub.models.LlamaCausalLM(backbone, preprocessor=None)
+    lm.compile(
         optimizer=keras.optimizers.AdamW(
-            learning_rate=schedule,
-            weight_decay=args.weight_decay,
-            clipnorm=1.0,
+            args.base_learning_rate, weight_decay=0.01, clipnorm=1.0
+        ),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        weighted_metrics=[],
+    )
+    rng = np.random.default_rng(args.seed)
+    held_out = held_out_set(
+        task, np.random.default_rng(args.seed + 7), 200, args.base_context
+    )
+    steps, accuracy, log = 0, 0.0, []
+    print(
+        f"Base preset: pretraining a LlamaCausalLM (width {width}, "
+        f"{args.base_layers} layers, context {args.base_context}) until "
+        f">= {args.base_target:.3f} exact match in context"
+    )
+    while steps < args.base_max_steps:
+        x, y, w = padded_batch(
+            task, rng, args.batch_size * 100, args.base_context, False
+        )
+        lm.fit(x, y, sample_weight=w, batch_size=args.batch_size, verbose=0)
+        steps += 100
+        accuracy = exact_match(lm, task, *held_out)
+        log.append((steps, accuracy))
+        print(f"  step {steps}: exact match in context {accuracy:.3f}")
+        if accuracy >= args.base_target:
+            break
+    # The final figure on fresh sequences (not the stopping set).
+    accuracy = exact_match(
+        lm,
+        task,
+        *held_out_set(
+            task, np.random.default_rng(args.seed + 8), 500, args.base_context
+        ),
+    )
+    preprocessor = keras_hub.models.LlamaCausalLMPreprocessor(
+        tokenizer, sequence_length=args.base_context
+    )
+    keras_hub.models.LlamaCausalLM(
+        backbone, preprocessor=preprocessor
+    ).save_to_preset(path)
+    report = {
+        "config": config,
+        "accuracy": accuracy,
+        "accuracy_samples": 500,
+        "steps": steps,
+        "log": log,
+        "seconds": time.time() - start,
+    }
+    with open(report_path, "w") as f:
+        json.dump(report, f, indent=2)
+    print(
+        f"Base preset: saved to {path} after {steps} steps, "
+        f"{report['seconds']:.0f}s; exact match in context {accuracy:.3f} "
+        "(500 sequences)"
+    )
+    return report
+
+
+# === Stage 2 and 3: FAM and BSWA from the preset, LoRA, fit ===
+
+
+def trainable_summary(lm):
+    """`{"total": n, "by_kind": {...}}` of the trainable weights: after
+    `enable_lora` only LoRA factors and the summary embeddings."""
+    by_kind = {}
+    for variable in lm.trainable_weights:
+        name = variable.path.split("/")[-1]
+        by_kind[name] = by_kind.get(name, 0) + int(np.prod(variable.shape))
+    return {"total": sum(by_kind.values()), "by_kind": by_kind}
+
+
+def compile_for_fine_tuning(lm, args, steps):
+    schedule = keras.optimizers.schedules.CosineDecay(
+        args.learning_rate, steps, alpha=0.05
+    )
+    lm.compile(
+        optimizer=keras.optimizers.AdamW(
+            schedule, weight_decay=0.0, clipnorm=1.0
         ),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         weighted_metrics=["sparse_categorical_accuracy"],
     )
-    data = training_batches(
-        task,
-        rng,
+
+
+def fine_tune_fam(args, task):
+    """FAM from the base preset, LoRA, `fit` on streamed episodes."""
+    lm = FAMCausalLM.from_preset(
+        args.base_preset,
+        preprocessor=None,
+        block_size=args.block_size,
+        memory_segments=args.fam_memory_segments,
+        fam_length=args.fam_length,
+        fam_normalization=args.fam_normalization,
+        training_streams=args.batch_size,
+    )
+    lm.backbone.enable_lora(args.lora_rank)
+    steps = args.fam_steps
+    compile_for_fine_tuning(lm, args, steps)
+    sampler = CurriculumSampler(
+        task, args.longest_filler, int(args.curriculum * steps)
+    )
+    data = streamed_dataset(
+        sampler,
         args.batch_size,
-        train_length,
-        longest_filler,
-        steps,
-        curriculum_steps=int(args.curriculum * steps),
+        args.train_length,
         reset_probability=args.reset_probability,
+        seed=args.seed,
     )
     epochs = max(1, min(args.epochs, steps))
     start = time.time()
-    history = model.fit(
+    history = lm.fit(
         data,
         steps_per_epoch=steps // epochs,
         epochs=epochs,
-        verbose=verbose,
+        callbacks=[sampler.callback()],
+        verbose=args.verbose,
     )
-    return time.time() - start, history.history
+    return lm, time.time() - start, history.history
 
 
-# === Evaluation through the constant-memory streaming path ===
+class CurriculumSampler:
+    """Streamed episodes whose longest filler grows from `shortest` to
+    `longest` over the first `curriculum_steps` training steps
+    (log-uniform filler lengths)."""
+
+    def __init__(self, task, longest, curriculum_steps, shortest=16):
+        self.task, self.longest, self.shortest = task, longest, shortest
+        self.curriculum_steps = curriculum_steps
+        self.step = 0
+
+    def __call__(self, rng):
+        longest = self.longest
+        if self.step < self.curriculum_steps:
+            span = self.longest - self.shortest
+            longest = self.shortest + span * self.step // self.curriculum_steps
+        return self.task.document_sampler(0, longest)(rng)
+
+    def callback(self):
+        sampler = self
+
+        class Step(keras.callbacks.Callback):
+            def on_train_batch_begin(self, batch, logs=None):
+                sampler.step += 1
+
+        return Step()
 
 
-def _chunk_lengths(total, block_size, chunk_size):
-    """Block-aligned chunks covering `total` tokens (a multiple of the block
-    size): full `chunk_size` chunks, then single blocks, so that a compiled
-    step only ever sees two chunk shapes."""
-    full, rest = divmod(total, chunk_size)
-    return [chunk_size] * full + [block_size] * (rest // block_size)
+def fine_tune_bswa(args, task, memory_segments):
+    """BSWA (`fam_length=0`) from the base preset with the same LoRA rank,
+    `fit` on single episodes of up to `--bswa-train-length` tokens."""
+    lm = FAMCausalLM.from_preset(
+        args.base_preset,
+        preprocessor=None,
+        block_size=args.block_size,
+        memory_segments=memory_segments,
+        fam_length=0,
+    )
+    lm.backbone.enable_lora(args.lora_rank)
+    steps = args.bswa_steps
+    compile_for_fine_tuning(lm, args, steps)
+    rng = np.random.default_rng(args.seed + memory_segments)
+    x, y, w = padded_batch(
+        task, rng, args.batch_size * steps, args.bswa_train_length, True
+    )
+    start = time.time()
+    history = lm.fit(
+        x,
+        y,
+        sample_weight=w,
+        batch_size=args.batch_size,
+        epochs=1,
+        verbose=args.verbose,
+    )
+    return lm, time.time() - start, history.history
 
 
-def stream_chunk(model, tokens, states):
-    """One compiled streaming step: `(logits, states)` as NumPy arrays.
+# === Stage 4: evaluation through the streaming API ===
 
-    On JAX `predict_on_batch` compiles it (one program per chunk shape). On
-    TensorFlow the step runs eagerly: Keras' compiled predict function
-    relaxes the sequence length to `None` after two shapes, and the layer
-    needs a static length. PyTorch runs eagerly anyway.
+
+class Evaluator:
+    """Pass-key accuracy at one filler length through `FAMStreamer`.
+
+    Each batch of sequences is streamed up to the answer with no outputs
+    kept (a fixed-size state, whatever the filler), then the answer's
+    tokens are fed with `output="logits"`; the whole key is right when
+    every digit is the argmax (teacher forcing = greedy decoding's exact
+    match). One streamer per batch size, reset between batches, so every
+    compiled step is reused.
     """
-    inputs = {"tokens": tokens, "states": states}
-    if keras.backend.backend() == "jax":
-        return model.predict_on_batch(inputs)
-    logits, states = model(inputs, training=False)
-    to_numpy = ops.convert_to_numpy
-    return to_numpy(logits), [
-        {k: to_numpy(v) for k, v in state.items()} for state in states
-    ]
+
+    def __init__(self, lm, task, blocks_per_step):
+        self.lm, self.task = lm, task
+        self.blocks_per_step = blocks_per_step
+        self.streamers = {}
+
+    def streamer(self, batch):
+        if batch not in self.streamers:
+            self.streamers[batch] = FAMStreamer(
+                self.lm,
+                batch_size=batch,
+                output=None,
+                blocks_per_step=self.blocks_per_step,
+            )
+        streamer = self.streamers[batch]
+        streamer.reset()
+        return streamer
+
+    def accuracy(self, filler_length, samples, batch, rng):
+        """`(accuracy, fam_rms)`: the exact-match rate, and the root mean
+        square of the FAM just before the answer (`None` for BSWA)."""
+        k = self.task.key_digits
+        correct, fam_rms = 0, []
+        for begin in range(0, samples, batch):
+            size = min(batch, samples - begin)
+            tokens, keys, start = self.task.batch(rng, size, filler_length)
+            streamer = self.streamer(size)
+            # Everything before the answer, no outputs kept.
+            streamer.feed(tokens[:, : start - 1], verbose=0)
+            if self.lm.backbone.fam_length:
+                fam_rms += [
+                    float(np.sqrt(np.mean(np.square(layer["fam"]))))
+                    for layer in streamer.state.layers
+                ]
+            # Logits at `start - 1 + j` predict the key's digit `j`.
+            answer = streamer.feed(
+                tokens[:, start - 1 : start - 1 + k],
+                verbose=0,
+                output="logits",
+            )
+            predicted = np.argmax(answer, axis=-1)
+            correct += int(
+                np.sum(np.all(predicted == self.task.digit_ids[keys], axis=1))
+            )
+        return correct / samples, (float(np.mean(fam_rms)) if fam_rms else None)
 
 
-def initial_states(model, batch):
-    states = []
-    for block in model.blocks:
-        state = block.get_initial_state(batch)
-        states.append({k: ops.convert_to_numpy(v) for k, v in state.items()})
-    return states
-
-
-def evaluate(
-    model, task, filler_length, num_samples, batch_size, rng, chunk_size
-):
-    """Pass-key accuracy (whole key exact) at one filler length, and the
-    root-mean-square of the FAM before the question (`None` for BSWA).
-
-    Sequences are streamed chunk by chunk through `TransformerFAM`'s state,
-    so memory does not grow with the filler. The key digits are scored
-    under teacher forcing, which gives the same exact-match accuracy as
-    greedy decoding (greedy decoding is right iff every digit's argmax is).
-    """
-    size = model.block_size
-    k = task.key_digits
-    correct, fam_rms = 0, []
-    for begin in range(0, num_samples, batch_size):
-        batch = min(batch_size, num_samples - begin)
-        tokens, keys, start = task.batch(rng, batch, filler_length)
-        inputs = tokens[:, :-1]
-        length = inputs.shape[1]
-        tail = length % size
-        if tail < k:
-            tail += size
-        bulk = length - tail
-        states = initial_states(model, batch)
-        position = 0
-        for n in _chunk_lengths(bulk, size, chunk_size):
-            chunk = inputs[:, position : position + n]
-            _, states = stream_chunk(model, chunk, states)
-            position += n
-        if model.fam_length:  # How large the FAM is after the filler.
-            fam_rms += [np.sqrt(np.mean(state["fam"] ** 2)) for state in states]
-        padded = np.zeros((batch, 2 * size), dtype="int32")
-        padded[:, :tail] = inputs[:, bulk:]
-        logits, _ = stream_chunk(model, padded, states)
-        answer = tail - k + np.arange(k)
-        predicted = np.argmax(logits[:, answer], axis=-1)
-        correct += int(
-            np.sum(np.all(predicted == task.digit_ids[keys], axis=1))
-        )
-    return correct / num_samples, float(np.mean(fam_rms)) if fam_rms else None
+def evaluate(lm, task, lengths, args, name):
+    evaluator = Evaluator(lm, task, args.blocks_per_step)
+    rng = np.random.default_rng(args.seed + 1)
+    accuracy, seconds, fam_rms, samples = {}, {}, {}, {}
+    progress = _progress(lengths, f"{name} eval")
+    for n in progress:
+        if accuracy and hasattr(progress, "set_postfix_str"):
+            progress.set_postfix_str(
+                ", ".join(f"{k}: {a:.2f}" for k, a in accuracy.items())
+            )
+        begin = time.time()
+        samples[n] = _eval_samples(args, n)
+        batch = min(samples[n], args.eval_batch_size)
+        accuracy[n], fam_rms[n] = evaluator.accuracy(n, samples[n], batch, rng)
+        seconds[n] = time.time() - begin
+    return accuracy, seconds, fam_rms, samples
 
 
 # === The experiment ===
 
-MODELS = {
-    # name: (fam_length, memory_segments)
-    "FAM": None,
-    "BSWA M0": (0, 0),
-    "BSWA M1": (0, 1),
-    "BSWA M2": (0, 2),
-}
 
-
-def receptive_field(args, memory_segments):
-    return args.num_layers * (memory_segments + 1) * args.block_size
+def receptive_field(num_layers, memory_segments, block_size):
+    return num_layers * (memory_segments + 1) * block_size
 
 
 def parse_args(argv=None):
@@ -612,46 +583,31 @@ def parse_args(argv=None):
     add = parser.add_argument
     add("--output-dir", default="passkey_results", help="Output folder.")
     add("--seed", type=int, default=0)
-    add("--key-digits", type=int, default=1, help="Digits of the key.")
-    add("--filler", default="repeated", choices=("repeated", "random"))
-    add("--train-length", type=int, default=256, help="Training tokens.")
+    add("--key-digits", type=int, default=5, help="Digits of the key.")
+    add("--verbose", type=int, default=1, help="fit's verbosity.")
+    # Base model.
     add(
-        "--longest-filler",
-        type=int,
-        default=480,
-        help="Longest training filler (episodes span several segments).",
+        "--base-preset",
+        default=os.path.join("passkey_results", "base_preset"),
+        help="Where the base preset is cached (built when missing).",
     )
+    add("--rebuild-base", action="store_true", help="Rebuild the base.")
+    add("--vocabulary-size", type=int, default=256)
+    add("--base-context", type=int, default=128, help="Base context length.")
+    add("--base-hidden-dim", type=int, default=64)
+    add("--base-layers", type=int, default=2)
+    add("--base-heads", type=int, default=4)
+    add("--base-learning-rate", type=float, default=3e-3)
+    add("--base-max-steps", type=int, default=3000)
     add(
-        "--curriculum",
+        "--base-target",
         type=float,
-        default=0.3,
-        help="Fraction of steps over which the longest filler grows.",
+        default=0.995,
+        help="Pretraining stops at this exact match in context.",
     )
-    add("--fam-steps", type=int, default=800, help="FAM training steps.")
-    add("--bswa-steps", type=int, default=400, help="Steps per BSWA model.")
-    add(
-        "--bswa-train-length",
-        type=int,
-        default=64,
-        help="BSWA training segment (it cannot see further anyway).",
-    )
-    add("--bswa-longest-filler", type=int, default=128)
-    add("--batch-size", type=int, default=32)
-    add("--epochs", type=int, default=5, help="Progress-bar epochs.")
-    add("--learning-rate", type=float, default=3e-3)
-    add("--weight-decay", type=float, default=0.01)
-    add(
-        "--reset-probability",
-        type=float,
-        default=0.2,
-        help="Chance per step that a row starts a fresh stream from the "
-        "initial FAM (1 disables state passing).",
-    )
-    add("--num-layers", type=int, default=2)
-    add("--hidden-dim", type=int, default=64)
-    add("--num-heads", type=int, default=4)
-    add("--block-size", type=int, default=16)
-    add("--fam-length", type=int, default=8)
+    # FAM and BSWA.
+    add("--block-size", type=int, default=64)
+    add("--fam-length", type=int, default=16)
     add("--fam-memory-segments", type=int, default=0)
     add(
         "--fam-normalization",
@@ -659,7 +615,29 @@ def parse_args(argv=None):
         default=True,
         help="Rescale the carried FAM to unit RMS after every block.",
     )
+    add("--lora-rank", type=int, default=16)
+    add("--learning-rate", type=float, default=3e-3)
+    add("--batch-size", type=int, default=32)
+    add("--epochs", type=int, default=4, help="Progress-bar epochs.")
+    add("--train-length", type=int, default=256, help="Training segment.")
+    add("--longest-filler", type=int, default=480)
+    add(
+        "--curriculum",
+        type=float,
+        default=0.3,
+        help="Fraction of steps over which the longest filler grows.",
+    )
+    add(
+        "--reset-probability",
+        type=float,
+        default=0.2,
+        help="Chance per step that a row starts a new stream.",
+    )
+    add("--fam-steps", type=int, default=500)
+    add("--bswa-steps", type=int, default=100)
+    add("--bswa-train-length", type=int, default=256)
     add("--bswa-memory-segments", type=int, nargs="*", default=[0, 1, 2])
+    # Evaluation.
     add(
         "--eval-lengths",
         type=int,
@@ -670,7 +648,7 @@ def parse_args(argv=None):
     add(
         "--bswa-max-length",
         type=int,
-        default=1024,
+        default=4096,
         help="Longest filler evaluated for BSWA (chance beyond its field).",
     )
     add("--eval-samples", type=int, default=100)
@@ -683,70 +661,63 @@ def parse_args(argv=None):
     add("--long-eval-from", type=int, default=100_000)
     add("--eval-batch-size", type=int, default=100)
     add(
-        "--chunk-size",
+        "--blocks-per-step",
         type=int,
-        default=4096,
-        help="Tokens per streamed chunk (a multiple of the block size).",
+        default=64,
+        help="Whole blocks per compiled streaming step.",
     )
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    keras.utils.set_random_seed(args.seed)
     os.makedirs(args.output_dir, exist_ok=True)
-    task = PassKeyTask(args.key_digits, args.filler)
+    total_start, cpu_start = time.time(), time.process_time()
     print(
-        f"Backend {keras.backend.backend()}; vocabulary "
-        f"{task.vocabulary_size}; key digits {args.key_digits}; training "
-        f"sequences of {args.train_length} tokens"
+        f"Backend {keras.backend.backend()}; {args.key_digits}-digit keys; "
+        f"training segments of {args.train_length} tokens"
     )
+    base = build_base_preset(args)
+    keras.utils.set_random_seed(args.seed)
+    tokenizer = keras_hub.tokenizers.Tokenizer.from_preset(args.base_preset)
+    task = PassKeyTask(tokenizer, args.key_digits)
+    config = vars(args).copy()
+    config["base_preset"] = args.base_preset
+    results = {
+        "config": config,
+        "backend": keras.backend.backend(),
+        "chance": 10.0**-args.key_digits,
+        "base": {
+            "accuracy_in_context": base["accuracy"],
+            "samples": base["accuracy_samples"],
+            "context": args.base_context,
+            "pretraining_steps": base["steps"],
+            "pretraining_seconds": base["seconds"],
+        },
+        "models": {},
+    }
     specs = {"FAM": (args.fam_length, args.fam_memory_segments)}
     for m in args.bswa_memory_segments:
         specs[f"BSWA M{m}"] = (0, m)
-    results = {
-        "config": vars(args),
-        "backend": keras.backend.backend(),
-        "chance": 10.0**-args.key_digits,
-        "models": {},
-    }
-    total_start, cpu_start = time.time(), time.process_time()
     for name, (fam_length, memory) in specs.items():
-        steps = args.fam_steps if fam_length else args.bswa_steps
-        print(f"\n== {name}: training {steps} steps")
-        model = build_model(task, fam_length, memory, args)
+        print(f"\n== {name}: {args.base_preset} -> FAMCausalLM, LoRA, fit")
         if fam_length:
-            length, longest = args.train_length, args.longest_filler
+            lm, train_seconds, history = fine_tune_fam(args, task)
+            train_length = args.train_length
         else:
-            length, longest = args.bswa_train_length, args.bswa_longest_filler
-        train_seconds, history = train(
-            model, task, args, steps, length, longest
-        )
-        rng = np.random.default_rng(args.seed + 1)
+            lm, train_seconds, history = fine_tune_bswa(args, task, memory)
+            train_length = args.bswa_train_length
+        trainable = trainable_summary(lm)
+        print(f"Trainable weights: {trainable}")
         lengths = [
             n
             for n in args.eval_lengths
             if fam_length or n <= args.bswa_max_length
         ]
-        accuracy, seconds, fam_rms = {}, {}, {}
         eval_start = time.time()
-        progress = _progress(lengths, f"{name} eval")
-        for n in progress:
-            if accuracy and hasattr(progress, "set_postfix_str"):
-                progress.set_postfix_str(
-                    ", ".join(f"{k}: {a:.2f}" for k, a in accuracy.items())
-                )
-            length_start = time.time()
-            accuracy[n], fam_rms[n] = evaluate(
-                model,
-                task,
-                n,
-                _eval_samples(args, n),
-                args.eval_batch_size,
-                rng,
-                args.chunk_size,
-            )
-            seconds[n] = time.time() - length_start
+        accuracy, seconds, fam_rms, samples = evaluate(
+            lm, task, lengths, args, name
+        )
         eval_seconds = time.time() - eval_start
         print(
             f"{name}: train {train_seconds:.0f}s, eval {eval_seconds:.0f}s, "
@@ -757,16 +728,18 @@ def main(argv=None):
             "memory_segments": memory,
             "receptive_field": None
             if fam_length
-            else receptive_field(args, memory),
-            "train_steps": steps,
-            "train_length": length,
-            "longest_filler": longest,
+            else receptive_field(
+                lm.backbone.num_layers, memory, args.block_size
+            ),
+            "train_steps": args.fam_steps if fam_length else args.bswa_steps,
+            "train_length": train_length,
             "train_seconds": train_seconds,
             "eval_seconds": eval_seconds,
+            "trainable_weights": trainable,
             "final_train_accuracy": history["sparse_categorical_accuracy"][-1],
             "accuracy": {str(n): a for n, a in accuracy.items()},
+            "samples": {str(n): s for n, s in samples.items()},
             "fam_rms": {str(n): r for n, r in fam_rms.items()},
-            "eval_samples": {str(n): _eval_samples(args, n) for n in lengths},
             "eval_seconds_by_length": {str(n): t for n, t in seconds.items()},
         }
     results["total_seconds"] = time.time() - total_start
@@ -789,7 +762,7 @@ def main(argv=None):
 
 def _eval_samples(args, filler_length):
     """Sequences evaluated at one filler length: `--eval-samples`, or
-    `--long-eval-samples` beyond `--long-eval-from` filler tokens (the
+    `--long-eval-samples` from `--long-eval-from` filler tokens on (the
     streaming cost grows with the length)."""
     if filler_length >= args.long_eval_from:
         return args.long_eval_samples
@@ -822,7 +795,13 @@ def format_table(results):
         for r in rows
     ]
     lines.insert(1, "-" * len(lines[0]))
-    return "Pass-key accuracy by filler length (tokens)\n" + "\n".join(lines)
+    base = results["base"]
+    return (
+        f"Base model, keys inside its {base['context']}-token context: "
+        f"{base['accuracy_in_context']:.3f} exact match "
+        f"({base['samples']} sequences)\n"
+        "Pass-key exact match by filler length (tokens)\n" + "\n".join(lines)
+    )
 
 
 if __name__ == "__main__":

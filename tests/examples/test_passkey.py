@@ -1,10 +1,10 @@
-"""End-to-end checks of examples/passkey_retrieval.py (a reduced run)."""
+"""End-to-end checks of examples/passkey_retrieval.py (a reduced run of the
+whole pipeline: base preset -> FAM -> LoRA -> fit -> stream)."""
 
 import json
 import os
 import sys
 
-import keras
 import numpy as np
 import pytest
 
@@ -14,183 +14,124 @@ sys.path.insert(
 import passkey_retrieval as passkey  # noqa: E402
 
 TINY = [
-    "--num-layers", "1",
-    "--hidden-dim", "16",
-    "--num-heads", "2",
-    "--block-size", "8",
+    "--vocabulary-size", "256",
+    "--base-context", "96",
+    "--base-hidden-dim", "16",
+    "--base-heads", "2",
+    "--base-max-steps", "100",
+    "--block-size", "16",
     "--fam-length", "2",
-    "--train-length", "80",
+    "--lora-rank", "2",
+    "--train-length", "64",
     "--batch-size", "4",
     "--epochs", "1",
     "--longest-filler", "100",
+    "--verbose", "0",
 ]  # fmt: skip
 
 
-def _words(tokens):
-    return [passkey.VOCABULARY[t] for t in tokens]
+@pytest.fixture(scope="module")
+def tokenizer():
+    return passkey.train_tokenizer(256, seed=0)
 
 
-def test_sequence_format():
-    task = passkey.PassKeyTask(key_digits=3)
+def test_task_tokens_are_the_tokenized_prompt(tokenizer):
+    """Sequences assembled from the three tokenized pieces equal the
+    tokenizer's encoding of the whole prompt; the answer sits where
+    `sequence` says; digits are single tokens."""
+    task = passkey.PassKeyTask(tokenizer, key_digits=5)
+    key = np.array([7, 1, 4, 3, 2])
+    ids, start = task.sequence(key, 2 * len(task.cycle))
+    text = passkey.passkey_text("71432", filler_repeats=2)
+    expected = np.asarray(tokenizer(text))
+    start_id = tokenizer.token_to_id(tokenizer.start_token)
+    np.testing.assert_array_equal(ids, np.concatenate([[start_id], expected]))
+    assert tokenizer.detokenize(ids[start : start + 5]) == "71432"
+    assert "is the pass key" in tokenizer.detokenize(ids[:start])
+    np.testing.assert_array_equal(ids[start : start + 5], task.digit_ids[key])
+    assert task.overhead() + 2 * len(task.cycle) == len(ids)
+
+
+def test_documents_weight_the_answer_or_every_predictable_token(tokenizer):
+    task = passkey.PassKeyTask(tokenizer, key_digits=3)
     rng = np.random.default_rng(0)
-    tokens, keys, start = task.batch(rng, 2, filler_length=11)
-    assert tokens.shape == (2, task.overhead() + 11)
-    words = _words(tokens[0])
-    key = "".join(str(d) for d in keys[0])
-    text = " ".join(words)
-    assert f"The pass key is {' '.join(key)} . Remember it ." in text
-    assert text.endswith(
-        f"What is the pass key ? The pass key is {' '.join(key)}"
-    )
-    # The filler sits between "is the pass key ." and the question.
-    q = len(passkey.QUESTION)
-    after = "is the pass key .".split()
-    assert words[start - q - 11 - 5 : start - q - 11] == after
-    assert words[start - q - 11 : start - q] == (
-        "The grass is green . The sky is blue . The".split()
-    )
-    assert list(tokens[0, start:]) == list(task.digit_ids[keys[0]])
-
-
-def test_training_batches_continue_each_row_and_weight_the_answers():
-    task = passkey.PassKeyTask(key_digits=2)
-    rng = np.random.default_rng(0)
-    batches = list(
-        passkey.training_batches(
-            task, rng, 3, 64, 300, 6, reset_probability=0.3
-        )
-    )
-    assert len(batches) == 6
-    np.testing.assert_array_equal(batches[0][0]["reset"], [1, 1, 1])
-    resets = 0
-    for (inputs, y, w), (following, _, _) in zip(
-        batches[:-1], batches[1:], strict=True
-    ):
-        x = inputs["tokens"]
-        assert x.shape == y.shape == w.shape == (3, 64)
-        np.testing.assert_array_equal(x[:, 1:], y[:, :-1])
-        # Weighted targets are exactly the digits of the answers.
-        assert np.all(np.isin(y[w > 0], task.digit_ids))
-        for row in range(3):
-            if following["reset"][row]:
-                resets += 1
-            else:  # The next segment continues this row's stream.
-                assert following["tokens"][row, 0] == y[row, -1]
-    assert 0 < resets < 15
-    total = sum(b[2].sum() for b in batches)
-    assert total > 0 and total % 2 == 0
+    ids, weights = task.document_sampler(0, 50)(rng)
+    assert weights.sum() == 3  # The answer's digits only.
+    assert np.all(np.isin(ids[weights > 0], task.digit_ids))
+    ids, start = task.sequence(np.array([1, 2, 3]), 10)
+    every = task.loss_weights(len(ids), start, answer_only=False)
+    # Everything but the key's first (random) occurrence.
+    assert every.sum() == len(ids) - 3
+    assert np.all(every[task.head_key[:3]] == 0)
 
 
 def test_filler_lengths_are_log_uniform():
     rng = np.random.default_rng(0)
     lengths = np.array(
-        [passkey.sample_filler_length(rng, 1023) for _ in range(4000)]
+        [passkey.sample_filler_length(rng, 0, 1023) for _ in range(4000)]
     )
     assert lengths.min() >= 0 and lengths.max() <= 1023
     # Log-uniform over [1, 1024]: half the mass below sqrt(1024) = 32.
     assert 0.45 < np.mean(lengths < 31) < 0.55
 
 
-def test_streamed_logits_equal_the_full_forward_pass():
-    args = passkey.parse_args(TINY)
-    task = passkey.PassKeyTask(1)
-    model = passkey.build_model(task, 2, 1, args)
-    rng = np.random.default_rng(1)
-    tokens, _, _ = task.batch(rng, 2, filler_length=40)
-    tokens = tokens[:, :64]
-    full = np.asarray(model.predict_on_batch({"tokens": tokens}))
-    states = passkey.initial_states(model, 2)
-    pieces = []
-    for begin, end in [(0, 16), (16, 48), (48, 64)]:
-        logits, states = passkey.stream_chunk(
-            model, tokens[:, begin:end], states
-        )
-        pieces.append(np.asarray(logits))
-    np.testing.assert_allclose(
-        np.concatenate(pieces, axis=1), full, atol=1e-4, rtol=1e-4
-    )
-    assert int(states[0]["position_offset"]) == 64
-
-
-def test_state_passing_carries_each_rows_final_fam():
-    args = passkey.parse_args(TINY)
-    task = passkey.PassKeyTask(1)
-    model = passkey.build_model(task, 2, 0, args)
-    rng = np.random.default_rng(2)
-    tokens, _, _ = task.batch(rng, 4, filler_length=30)
-    tokens = tokens[:, :64]
-    fresh = model({"tokens": tokens}, training=False)
-    reset = np.ones(4, "float32")
-    first = model({"tokens": tokens, "reset": reset}, training=True)
-    # Rows that reset start from the initial FAM: same as inference.
-    np.testing.assert_allclose(
-        keras.ops.convert_to_numpy(first),
-        keras.ops.convert_to_numpy(fresh),
-        atol=1e-5,
-    )
-    _, final = model.blocks[0](
-        model.embedding(tokens), return_fam=True, training=False
-    )
-    carried = keras.ops.convert_to_numpy(model.carried_fam[0])
-    np.testing.assert_allclose(
-        carried, keras.ops.convert_to_numpy(final), atol=1e-5
-    )
-    keep = np.array([1, 0, 1, 0], "float32")
-    second = keras.ops.convert_to_numpy(
-        model({"tokens": tokens, "reset": keep}, training=True)
-    )
-    fresh = keras.ops.convert_to_numpy(fresh)
-    np.testing.assert_allclose(second[keep == 1], fresh[keep == 1], atol=1e-5)
-    # Continued rows start from the carried FAM: different outputs.
-    assert np.abs(second[keep == 0] - fresh[keep == 0]).max() > 1e-3
-
-
-def test_chunk_lengths_cover_and_align():
-    lengths = passkey._chunk_lengths(8 * 13, 8, 32)
-    assert sum(lengths) == 104 and all(n % 8 == 0 for n in lengths)
-    assert lengths == [32, 32, 32, 8]
-    assert passkey._chunk_lengths(8 * 7, 8, 32) == [32, 8, 8, 8]
-
-
-def test_reduced_run_writes_table_json_and_plot(tmp_path, capsys):
+def test_reduced_pipeline_writes_table_json_and_plot(tmp_path, capsys):
+    """Base preset (built, then reused from its cache), FAM from the
+    preset with LoRA (only adapters and summary embeddings train), fit on
+    streams, evaluation through FAMStreamer; the JSON layout."""
     out = tmp_path / "results"
-    results = passkey.main(
-        TINY
-        + [
-            "--fam-steps", "3",
-            "--bswa-steps", "2",
-            "--bswa-memory-segments", "0",
-            "--eval-lengths", "0", "40", "200",
-            "--bswa-max-length", "40",
-            "--eval-samples", "3",
-            "--long-eval-samples", "2",
-            "--long-eval-from", "200",
-            "--eval-batch-size", "2",
-            "--chunk-size", "32",
-            "--output-dir", str(out),
-        ]
-    )  # fmt: skip
+    base = str(tmp_path / "base")
+    flags = TINY + [
+        "--base-preset", base,
+        "--fam-steps", "3",
+        "--bswa-steps", "2",
+        "--bswa-memory-segments", "1",
+        "--eval-lengths", "0", "40", "200",
+        "--bswa-max-length", "40",
+        "--eval-samples", "4",
+        "--long-eval-samples", "2",
+        "--long-eval-from", "200",
+        "--eval-batch-size", "2",
+        "--blocks-per-step", "4",
+        "--output-dir", str(out),
+    ]  # fmt: skip
+    results = passkey.main(flags)
     printed = capsys.readouterr().out
-    assert "Pass-key accuracy by filler length" in printed
+    assert "Pass-key exact match by filler length" in printed
+    assert os.path.exists(os.path.join(base, "config.json"))
     with open(out / "passkey.json") as f:
         saved = json.load(f)
-    assert set(saved["models"]) == {"FAM", "BSWA M0"}
-    assert set(saved["models"]["FAM"]["accuracy"]) == {"0", "40", "200"}
-    assert set(saved["models"]["BSWA M0"]["accuracy"]) == {"0", "40"}
-    assert saved["models"]["BSWA M0"]["receptive_field"] == 1 * 1 * 8
-    fam = saved["models"]["FAM"]
-    assert fam["eval_samples"] == {"0": 3, "40": 3, "200": 2}
-    assert set(fam["eval_seconds_by_length"]) == {"0", "40", "200"}
+    assert saved == json.loads(json.dumps(results))
+    config = saved["config"]
+    assert config["key_digits"] == 5 and config["train_length"] == 64
+    assert config["base_preset"] == base and config["lora_rank"] == 2
+    assert 0.0 <= saved["base"]["accuracy_in_context"] <= 1.0
+    assert saved["base"]["samples"] == 500
+    assert set(saved["models"]) == {"FAM", "BSWA M1"}
+    fam, bswa = saved["models"]["FAM"], saved["models"]["BSWA M1"]
+    assert fam["samples"] == {"0": 4, "40": 4, "200": 2}
+    assert set(bswa["accuracy"]) == {"0", "40"}
+    assert bswa["receptive_field"] == 2 * 2 * 16
+    assert fam["receptive_field"] is None
     for entry in saved["models"].values():
         for n, accuracy in entry["accuracy"].items():
-            # n samples: accuracy is a multiple of 1/n.
-            samples = entry["eval_samples"][n]
-            assert accuracy * samples == pytest.approx(
-                round(accuracy * samples)
-            )
-    # FAM normalisation (on by default) keeps the carried FAM at unit RMS.
+            count = entry["samples"][n]
+            assert accuracy * count == pytest.approx(round(accuracy * count))
+        # Only LoRA factors and the summary embeddings are trained.
+        kinds = set(entry["trainable_weights"]["by_kind"])
+        assert kinds <= {
+            "lora_kernel_a",
+            "lora_kernel_b",
+            "fam_summary_embedding",
+        }, kinds
+    assert fam["trainable_weights"]["by_kind"]["fam_summary_embedding"] == (
+        2 * 16
+    )
+    # FAM normalisation keeps the carried FAM at unit RMS.
     assert all(abs(r - 1.0) < 1e-3 for r in fam["fam_rms"].values())
-    assert set(saved["models"]["BSWA M0"]["fam_rms"].values()) == {None}
-    assert saved == json.loads(json.dumps(results))
     png = (out / "passkey.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    # A second run reuses the cached base preset.
+    report = passkey.build_base_preset(passkey.parse_args(flags))
+    assert "reusing" in capsys.readouterr().out
+    assert report["accuracy"] == saved["base"]["accuracy_in_context"]
