@@ -41,6 +41,44 @@ Here we go. There and back again." The key has `--key-digits` digits
 
 Prints a table (model x filler length) and writes `passkey.json` and
 `passkey.png` to `--output-dir`.
+
+Defaults and why: the base (width 64, 2 layers, 4 heads, context 128,
+vocabulary 256, AdamW 3e-3, batch 32, loss on every predictable token)
+reaches its target in about 1,200 steps: exact match stays near 0 until
+~700 steps, then jumps (0.26 at 900, 0.77 at 1,000, 1.00 at 1,200) as the
+copying circuit forms; it then scores 0.996 on 500 fresh in-context
+sequences. FAM: block 32, one memory segment, 16 FAM vectors, FAM
+normalisation, LoRA rank 16 (about 62k trainable weights of the model's
+~165k), AdamW 1e-2 with cosine decay, 400 steps of 32 streams x 256
+tokens, fillers log-uniform up to 480 with a curriculum, episodes aligned
+to block boundaries (as every evaluation sequence is, and as the paper's
+fine-tuning sequences were).
+
+Status (closing note of issue 9, measured on the shared 2-core CPU at load
+average 6-7): the pipeline runs end to end, but LoRA fine-tuning does NOT
+yet teach the converted model to carry the key in its FAM. Every FAM
+variant tried answers only while the key is inside its attention window
+and is at 0.00 beyond it (a 5-digit key: chance is 1e-5):
+- block 64, M0, F16, learning rate 3e-3, unaligned episodes: per-digit
+  training accuracy 0.40 after 400 steps, exact match 0.00 at every filler
+  (the key is never inside a block together with the answer);
+- block 16, M0, F8, 1e-2: per-digit accuracy at chance (0.10) after 200
+  steps (with M0 and block 16 the converted model loses its local
+  context);
+- block 32, M1, F16, 1e-2 (unaligned, and aligned): per-digit 0.62 after
+  400 steps, exact match 1.00 at filler 0 (key inside the M1 window) and
+  0.00 from filler 256 on.
+What we measured about why: the base's residual stream has RMS 0.07
+(embeddings), 0.78 and 1.48 after its two layers; the converted model
+with one block covering the sequence scores 0.98 (FAM present but unused),
+so conversion is sound. Every block adds to the unit-RMS FAM an update of
+about its own size (attention and feedforward outputs of the pretrained
+layer), so whatever the FAM captured is mostly overwritten within one or
+two blocks unless the model learns to refresh it, and 400 LoRA steps do
+not find that. The from-scratch models of the previous version of this
+example (all weights trained, 1-digit key) did learn it. Next steps: a
+weight-free FAM residual gate or update scale, a float32 carry, more
+steps or a higher rank, and a full fine-tuning control.
 """
 
 import argparse
@@ -162,15 +200,25 @@ class PassKeyTask:
         weights[answer_start : answer_start + self.key_digits] = 1.0
         return weights
 
-    def document_sampler(self, shortest, longest, answer_only=True):
+    def document_sampler(self, shortest, longest, answer_only=True, align=1):
         """`rng -> (token_ids, weights)` with a log-uniform filler length
-        in `[shortest, longest]`, for `streamed_dataset`."""
+        in `[shortest, longest]`, for `streamed_dataset`.
+
+        With `align > 1` filler follows the answer (no loss on it) up to a
+        multiple of `align` tokens, so that in a stream every prompt starts
+        at a block boundary, as it does at evaluation (and in the paper's
+        fine-tuning, whose sequences each start with the prompt).
+        """
 
         def sample(rng):
             filler = sample_filler_length(rng, shortest, longest)
             key = rng.integers(0, 10, self.key_digits)
             ids, start = self.sequence(key, filler)
-            return ids, self.loss_weights(len(ids), start, answer_only)
+            weights = self.loss_weights(len(ids), start, answer_only)
+            tail = -len(ids) % align
+            ids = np.concatenate([ids, self.filler(tail)])
+            weights = np.concatenate([weights, np.zeros(tail, "float32")])
+            return ids, weights
 
         return sample
 
@@ -413,7 +461,10 @@ def fine_tune_fam(args, task):
     steps = args.fam_steps
     compile_for_fine_tuning(lm, args, steps)
     sampler = CurriculumSampler(
-        task, args.longest_filler, int(args.curriculum * steps)
+        task,
+        args.longest_filler,
+        int(args.curriculum * steps),
+        align=args.block_size if args.align_episodes else 1,
     )
     data = streamed_dataset(
         sampler,
@@ -439,8 +490,9 @@ class CurriculumSampler:
     `longest` over the first `curriculum_steps` training steps
     (log-uniform filler lengths)."""
 
-    def __init__(self, task, longest, curriculum_steps, shortest=16):
+    def __init__(self, task, longest, curriculum_steps, align, shortest=16):
         self.task, self.longest, self.shortest = task, longest, shortest
+        self.align = align
         self.curriculum_steps = curriculum_steps
         self.step = 0
 
@@ -449,7 +501,7 @@ class CurriculumSampler:
         if self.step < self.curriculum_steps:
             span = self.longest - self.shortest
             longest = self.shortest + span * self.step // self.curriculum_steps
-        return self.task.document_sampler(0, longest)(rng)
+        return self.task.document_sampler(0, longest, align=self.align)(rng)
 
     def callback(self):
         sampler = self
@@ -606,9 +658,9 @@ def parse_args(argv=None):
         help="Pretraining stops at this exact match in context.",
     )
     # FAM and BSWA.
-    add("--block-size", type=int, default=64)
+    add("--block-size", type=int, default=32)
     add("--fam-length", type=int, default=16)
-    add("--fam-memory-segments", type=int, default=0)
+    add("--fam-memory-segments", type=int, default=1)
     add(
         "--fam-normalization",
         action=argparse.BooleanOptionalAction,
@@ -616,7 +668,7 @@ def parse_args(argv=None):
         help="Rescale the carried FAM to unit RMS after every block.",
     )
     add("--lora-rank", type=int, default=16)
-    add("--learning-rate", type=float, default=3e-3)
+    add("--learning-rate", type=float, default=1e-2)
     add("--batch-size", type=int, default=32)
     add("--epochs", type=int, default=4, help="Progress-bar epochs.")
     add("--train-length", type=int, default=256, help="Training segment.")
@@ -628,12 +680,18 @@ def parse_args(argv=None):
         help="Fraction of steps over which the longest filler grows.",
     )
     add(
+        "--align-episodes",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Start every training episode at a block boundary.",
+    )
+    add(
         "--reset-probability",
         type=float,
         default=0.2,
         help="Chance per step that a row starts a new stream.",
     )
-    add("--fam-steps", type=int, default=500)
+    add("--fam-steps", type=int, default=400)
     add("--bswa-steps", type=int, default=100)
     add("--bswa-train-length", type=int, default=256)
     add("--bswa-memory-segments", type=int, nargs="*", default=[0, 1, 2])
@@ -648,7 +706,7 @@ def parse_args(argv=None):
     add(
         "--bswa-max-length",
         type=int,
-        default=4096,
+        default=1024,
         help="Longest filler evaluated for BSWA (chance beyond its field).",
     )
     add("--eval-samples", type=int, default=100)
