@@ -564,7 +564,14 @@ class FAMBackbone(Backbone):
             for layer, fam in zip(self.transformer_layers, fams, strict=True)
         )
 
-    def stream(self, token_ids, state, padding_mask=None, training=None):
+    def stream(
+        self,
+        token_ids,
+        state,
+        padding_mask=None,
+        training=None,
+        layer_intercept_fn=None,
+    ):
         """Continue the sequence of `state` with `token_ids` `(B, C)`.
 
         Any chunk length `C` at any position: whole blocks go through the
@@ -577,6 +584,10 @@ class FAMBackbone(Backbone):
             state: from `get_initial_state()` or a previous `stream()`.
             padding_mask: optional `(B, C)`, `1` for real tokens.
             training: bool. Dropout.
+            layer_intercept_fn: optional `fn(x, index) -> x` called on the
+                embedded chunk (`index=-1`) and on each layer's output
+                (`index` 0 to `num_layers - 1`); what it returns goes on
+                (KerasHub's `score` hook). Defaults to `None`.
 
         Returns:
             `(hidden_states, state)`: final-normed `(B, C, D)` and the new
@@ -595,10 +606,16 @@ class FAMBackbone(Backbone):
                     f"most max_sequence_length={self.max_sequence_length} "
                     f"tokens. Received: token_ids reaching position {end}"
                 )
+        if layer_intercept_fn is None:
+
+            def layer_intercept_fn(x, index):
+                return x
+
         x = self.embed(token_ids, start_index=state[0]["index"])
+        x = layer_intercept_fn(x, -1)
         new_state = []
-        for layer, layer_state in zip(
-            self.transformer_layers, state, strict=True
+        for index, (layer, layer_state) in enumerate(
+            zip(self.transformer_layers, state, strict=True)
         ):
             x, layer_state = layer(
                 x,
@@ -607,6 +624,7 @@ class FAMBackbone(Backbone):
                 return_state=True,
                 training=training,
             )
+            x = layer_intercept_fn(x, index)
             new_state.append(layer_state)
         return self.layer_norm(x), tuple(new_state)
 

@@ -16,6 +16,7 @@ from keras_fam.models.fam_backbone import FAMBackbone
 from keras_fam.models.fam_causal_lm_preprocessor import (
     FAMCausalLMPreprocessor,
 )
+from keras_fam.ops import dispatch
 
 
 @keras.saving.register_keras_serializable(package="keras_fam")
@@ -152,6 +153,128 @@ class FAMCausalLM(CausalLM):
         if cap is not None:
             logits = ops.tanh(logits / cap) * cap
         return logits
+
+    # === Scoring ===
+
+    def score(
+        self,
+        token_ids,
+        padding_mask=None,
+        scoring_mode="logits",
+        layer_intercept_fn=None,
+        target_ids=None,
+        chunk_size=None,
+    ):
+        """Score token ids: per-token logits or per-token loss.
+
+        KerasHub's `CausalLM.score` contract (`GemmaCausalLM.score`,
+        `LlamaCausalLM.score`), equal to the full forward pass (`self(...)`)
+        but computed chunk by chunk through the backbone's streaming state
+        (`get_initial_state` then `stream`): chunks of whole blocks go
+        through the fused block step, and besides the inputs and the
+        returned scores nothing grows with the length. In `"loss"` mode the
+        logits of one chunk, `(B, chunk_size, V)`, are the largest tensor, so
+        a document of any length (100k tokens and more) can be scored.
+
+        Args:
+            token_ids: int tensor `(B, T)` of the tokens to score, e.g. the
+                output of `generate()`.
+            padding_mask: `(B, T)`, `1` for real tokens. Padded tokens are
+                never attended to (their own scores are returned but
+                meaningless). Defaults to all ones.
+            scoring_mode: `"logits"` (returns `(B, T, V)`) or `"loss"`
+                (returns `(B, T)`: the sparse categorical cross-entropy of
+                `target_ids` under the logits of each position, unreduced).
+                Defaults to `"logits"`.
+            layer_intercept_fn: optional `fn(x, index) -> x` that sees and
+                may replace activations `(B, C, D)`: the embedded input of
+                the first layer (`index=-1`, after embedding scale and
+                position embeddings) and the output of each layer (`index`
+                0 to `num_layers - 1`). It is called once per chunk, on the
+                rows of that chunk; pass `chunk_size >= T` to have it see
+                the whole sequence at once as KerasHub's models do. On
+                PyTorch, autograd graphs are recorded only when it is given
+                (for gradients through the activations it intercepts);
+                without it scoring runs under `torch.no_grad()`, so that the
+                memory of earlier chunks is freed. Defaults to `None`.
+            target_ids: int tensor `(B, T)` of the tokens each position
+                predicts (typically `token_ids` shifted left by one).
+                Required in `"loss"` mode.
+            chunk_size: int. Tokens per streamed chunk. Defaults to the
+                smallest multiple of `block_size` that is at least 1024.
+
+        Returns:
+            `(B, T, V)` logits or `(B, T)` per-token losses.
+
+        Example:
+
+        >>> lm = FAMCausalLM(FAMBackbone(vocabulary_size=100, num_layers=2,
+        ...     num_heads=2, hidden_dim=16, intermediate_dim=32,
+        ...     block_size=8, memory_segments=1, fam_length=2))
+        >>> ids = np.random.randint(0, 100, (1, 5000))
+        >>> losses = lm.score(ids[:, :-1], scoring_mode="loss",
+        ...                   target_ids=ids[:, 1:])  # (1, 4999)
+        """
+        if scoring_mode not in ("logits", "loss"):
+            raise ValueError(
+                "`scoring_mode` must be one of 'logits' or 'loss'. "
+                f"Received: scoring_mode={scoring_mode!r}"
+            )
+        if scoring_mode == "loss" and target_ids is None:
+            raise ValueError(
+                "Cannot compute loss without targets: pass `target_ids` "
+                'with scoring_mode="loss". Received: target_ids=None'
+            )
+        if layer_intercept_fn is not None and not callable(layer_intercept_fn):
+            raise TypeError(
+                "`layer_intercept_fn` must be a callable `fn(x, index)`. "
+                f"Received: layer_intercept_fn={layer_intercept_fn!r}"
+            )
+        if chunk_size is None:
+            block_size = self.backbone.block_size
+            chunk_size = -(-1024 // block_size) * block_size
+        if (
+            isinstance(chunk_size, bool)
+            or not isinstance(chunk_size, (int, np.integer))
+            or chunk_size < 1
+        ):
+            raise ValueError(
+                "`chunk_size` must be a positive integer. "
+                f"Received: chunk_size={chunk_size!r}"
+            )
+        token_ids, padding_mask = self.backbone._check_inputs(
+            {"token_ids": token_ids, "padding_mask": padding_mask}
+        )
+        length = token_ids.shape[1]
+        if target_ids is not None:
+            target_ids = ops.convert_to_tensor(target_ids)
+            if tuple(target_ids.shape) != tuple(token_ids.shape):
+                raise ValueError(
+                    "`target_ids` must have the shape of `token_ids` "
+                    f"{tuple(token_ids.shape)}. Received: "
+                    f"target_ids.shape={tuple(target_ids.shape)}"
+                )
+        loss_fn = keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True, reduction=None
+        )
+        scores = []
+        with dispatch.no_grad(enabled=layer_intercept_fn is None):
+            state = self.backbone.get_initial_state(ops.shape(token_ids)[0])
+            for start in range(0, length, chunk_size):
+                end = min(start + chunk_size, length)
+                hidden_states, state = self.backbone.stream(
+                    token_ids[:, start:end],
+                    state,
+                    padding_mask=padding_mask[:, start:end],
+                    layer_intercept_fn=layer_intercept_fn,
+                )
+                logits = self.logits(hidden_states)
+                if scoring_mode == "loss":
+                    logits = loss_fn(target_ids[:, start:end], logits)
+                scores.append(logits)
+        if len(scores) == 1:
+            return scores[0]
+        return ops.concatenate(scores, axis=1)
 
     # === Generation ===
 

@@ -14,12 +14,17 @@ reference path that the tests compare against:
   gradients, which `keras.ops.scan`'s `while_loop` lacks under XLA), a Python
   loop on PyTorch.
 
+`no_grad` turns off PyTorch's recording of autograd graphs (for scoring
+long documents chunk by chunk); the other backends record none unasked.
+
 Backend modules are imported inside the functions, so importing this module
 never imports a backend that is not the active one.
 
 Shape letters: B batch, Q query length, K key length, N query heads,
 G key/value heads, H head dim.
 """
+
+import contextlib
 
 import keras
 from keras import ops
@@ -184,3 +189,15 @@ def static_int(tensor):
         if isinstance(tensor, jax.core.Tracer):
             return None
     return int(ops.convert_to_numpy(tensor))
+
+
+def no_grad(enabled=True):
+    """A context in which no gradient graph is recorded: PyTorch's
+    `torch.no_grad()` (a layer called outside it keeps every activation
+    alive for autograd); on JAX and TensorFlow, which record nothing
+    outside a transform or a tape, a context that does nothing."""
+    if enabled and keras.backend.backend() == "torch":
+        import torch
+
+        return torch.no_grad()
+    return contextlib.nullcontext()
