@@ -15,8 +15,10 @@ import math
 import keras
 from keras import ops
 
+from keras_fam.layers.rms_normalization import RMSNormalization
 from keras_fam.ops import dispatch
 
+QUERY_KEY_NORMS = ("rms_norm", "rms_norm_unit_offset", "layer_norm")
 FREQUENCY_SCALING_KEYS = (
     "factor",
     "low_freq_factor",
@@ -141,6 +143,17 @@ class FAMAttention(keras.layers.Layer):
             attention); must divide `num_heads`. Defaults to `num_heads`.
         head_dim: int. Size of each head. Defaults to width // `num_heads`.
         use_bias: bool. Biases on the four projections. Defaults to `False`.
+        qkv_bias: bool. Biases on the query, key and value projections
+            only, not on the output projection (Qwen 2). Implied by
+            `use_bias`. Defaults to `False`.
+        query_key_norm: `None` or the normalization (`"rms_norm"`,
+            `"rms_norm_unit_offset"`, `"layer_norm"`) applied to each head
+            of the queries and keys, after projection and before RoPE
+            (Qwen 3: `"rms_norm"`; Gemma 3: `"rms_norm_unit_offset"`). Its
+            weights (`query_norm`, `key_norm`) have shape `(head_dim,)`,
+            shared by all heads. Defaults to `None`.
+        query_key_norm_epsilon: float. Epsilon of the query/key norms.
+            Defaults to `1e-6`.
         use_rope: bool. Rotary position embeddings on queries and keys; turn
             off for models with learned absolute positions (GPT-2).
             Defaults to `True`.
@@ -176,10 +189,24 @@ class FAMAttention(keras.layers.Layer):
         kernel_initializer="glorot_uniform",
         attention_implementation="auto",
         rope_frequency_scaling=None,
+        qkv_bias=False,
+        query_key_norm=None,
+        query_key_norm_epsilon=1e-6,
         **kwargs,
     ):
         super().__init__(**kwargs)
         num_key_value_heads = num_key_value_heads or num_heads
+        if not isinstance(qkv_bias, bool):
+            raise ValueError(
+                f"`qkv_bias` must be a bool. Received: qkv_bias={qkv_bias!r}"
+            )
+        if query_key_norm is not None and query_key_norm not in (
+            QUERY_KEY_NORMS
+        ):
+            raise ValueError(
+                f"`query_key_norm` must be `None` or one of {QUERY_KEY_NORMS}."
+                f" Received: query_key_norm={query_key_norm!r}"
+            )
         _check_positive_int("num_heads", num_heads)
         _check_positive_int("num_key_value_heads", num_key_value_heads)
         if num_heads % num_key_value_heads:
@@ -200,6 +227,9 @@ class FAMAttention(keras.layers.Layer):
         self.num_key_value_heads = num_key_value_heads
         self.head_dim = head_dim
         self.use_bias = use_bias
+        self.qkv_bias = qkv_bias
+        self.query_key_norm = query_key_norm
+        self.query_key_norm_epsilon = query_key_norm_epsilon
         self.use_rope = use_rope
         self.rope_max_wavelength = rope_max_wavelength
         self.rope_scaling_factor = rope_scaling_factor
@@ -211,11 +241,11 @@ class FAMAttention(keras.layers.Layer):
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.attention_implementation = attention_implementation
 
-    def _projection(self, equation, output_shape, bias_axes, name):
+    def _projection(self, equation, output_shape, bias_axes, name, bias):
         return keras.layers.EinsumDense(
             equation,
             output_shape=output_shape,
-            bias_axes=bias_axes if self.use_bias else None,
+            bias_axes=bias_axes if bias else None,
             kernel_initializer=keras.initializers.get(
                 keras.initializers.serialize(self.kernel_initializer)
             ),
@@ -243,22 +273,46 @@ class FAMAttention(keras.layers.Layer):
             self.num_key_value_heads,
             self.head_dim,
         )
+        qkv_bias = self.use_bias or self.qkv_bias
         self.query = self._projection(
-            "btd,dnh->btnh", (None, heads, size), "nh", "query"
+            "btd,dnh->btnh", (None, heads, size), "nh", "query", qkv_bias
         )
         self.query.build(input_shape)
         self.key = self._projection(
-            "btd,dgh->btgh", (None, groups, size), "gh", "key"
+            "btd,dgh->btgh", (None, groups, size), "gh", "key", qkv_bias
         )
         self.key.build(input_shape)
         self.value = self._projection(
-            "btd,dgh->btgh", (None, groups, size), "gh", "value"
+            "btd,dgh->btgh", (None, groups, size), "gh", "value", qkv_bias
         )
         self.value.build(input_shape)
         self.attention_output = self._projection(
-            "btnh,nhd->btd", (None, hidden_dim), "d", "attention_output"
+            "btnh,nhd->btd",
+            (None, hidden_dim),
+            "d",
+            "attention_output",
+            self.use_bias,
         )
         self.attention_output.build((None, None, heads, size))
+        if self.query_key_norm is not None:
+            self.query_norm = self._head_norm("query_norm")
+            self.query_norm.build((None, None, heads, size))
+            self.key_norm = self._head_norm("key_norm")
+            self.key_norm.build((None, None, groups, size))
+
+    def _head_norm(self, name):
+        if self.query_key_norm == "layer_norm":
+            return keras.layers.LayerNormalization(
+                epsilon=self.query_key_norm_epsilon,
+                dtype=self.dtype_policy,
+                name=name,
+            )
+        return RMSNormalization(
+            epsilon=self.query_key_norm_epsilon,
+            unit_offset=self.query_key_norm == "rms_norm_unit_offset",
+            dtype=self.dtype_policy,
+            name=name,
+        )
 
     def _rope(self, x, positions):
         if not self.use_rope:
@@ -272,12 +326,20 @@ class FAMAttention(keras.layers.Layer):
         )
 
     def project_query(self, hidden, positions):
-        """`(B, T, D)` normed rows -> `(B, T, N, H)` rotated queries."""
-        return self._rope(self.query(hidden), positions)
+        """`(B, T, D)` normed rows -> `(B, T, N, H)` (normed) rotated
+        queries."""
+        query = self.query(hidden)
+        if self.query_key_norm is not None:
+            query = self.query_norm(query)
+        return self._rope(query, positions)
 
     def project_key_value(self, hidden, positions):
-        """`(B, T, D)` normed rows -> rotated keys and values `(B, T, G, H)`."""
-        return self._rope(self.key(hidden), positions), self.value(hidden)
+        """`(B, T, D)` normed rows -> (normed) rotated keys and values
+        `(B, T, G, H)`."""
+        key = self.key(hidden)
+        if self.query_key_norm is not None:
+            key = self.key_norm(key)
+        return self._rope(key, positions), self.value(hidden)
 
     def attend(self, query, key, value, mask):
         """Attention of `query` over `key`/`value` under a bool `(B, T, K)`
@@ -303,6 +365,9 @@ class FAMAttention(keras.layers.Layer):
             "num_key_value_heads": self.num_key_value_heads,
             "head_dim": self.head_dim,
             "use_bias": self.use_bias,
+            "qkv_bias": self.qkv_bias,
+            "query_key_norm": self.query_key_norm,
+            "query_key_norm_epsilon": self.query_key_norm_epsilon,
             "use_rope": self.use_rope,
             "rope_max_wavelength": self.rope_max_wavelength,
             "rope_scaling_factor": self.rope_scaling_factor,

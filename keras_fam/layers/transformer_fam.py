@@ -98,6 +98,12 @@ class TransformerFAM(keras.layers.Layer):
             before the residual (Gemma 2). Defaults to `False`.
         use_bias: bool. Biases in attention projections and feedforward.
             Defaults to `True`.
+        qkv_bias: bool. Biases on the query, key and value projections
+            only (Qwen 2); implied by `use_bias`. Defaults to `False`.
+        query_key_norm: bool. Normalize each query and key head (over
+            `head_dim`, with the layer's `normalization` and
+            `layer_norm_epsilon`) before RoPE (Qwen 3, Gemma 3). Defaults
+            to `False`.
         use_rope: bool. Rotary position embeddings. Defaults to `True`.
         rope_max_wavelength: float. RoPE base. Defaults to `10000`.
         rope_scaling_factor: float. Linear RoPE scaling. Defaults to `1.0`.
@@ -212,10 +218,17 @@ class TransformerFAM(keras.layers.Layer):
         learned_initial_fam=True,
         parallel_blocks=False,
         fam_normalization=False,
+        qkv_bias=False,
+        query_key_norm=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
         _check_int("block_size", block_size, minimum=1)
+        if not isinstance(query_key_norm, bool):
+            raise ValueError(
+                "`query_key_norm` must be a bool. "
+                f"Received: query_key_norm={query_key_norm!r}"
+            )
         _check_int("memory_segments", memory_segments, minimum=0)
         _check_int("fam_length", fam_length, minimum=0)
         if intermediate_dim is not None:
@@ -262,6 +275,9 @@ class TransformerFAM(keras.layers.Layer):
             num_key_value_heads=num_key_value_heads,
             head_dim=head_dim,
             use_bias=use_bias,
+            qkv_bias=qkv_bias,
+            query_key_norm=normalization if query_key_norm else None,
+            query_key_norm_epsilon=layer_norm_epsilon,
             use_rope=use_rope,
             rope_max_wavelength=rope_max_wavelength,
             rope_scaling_factor=rope_scaling_factor,
@@ -990,6 +1006,8 @@ class TransformerFAM(keras.layers.Layer):
             "layer_norm_epsilon": self.layer_norm_epsilon,
             "sandwich_norm": self.sandwich_norm,
             "use_bias": self.use_bias,
+            "qkv_bias": attention.qkv_bias,
+            "query_key_norm": attention.query_key_norm is not None,
             "use_rope": attention.use_rope,
             "rope_max_wavelength": attention.rope_max_wavelength,
             "rope_scaling_factor": attention.rope_scaling_factor,

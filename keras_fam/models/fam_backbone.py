@@ -109,13 +109,20 @@ class FAMBackbone(Backbone):
             Defaults to `False`.
         use_bias: bool. Biases in projections and feedforward. Defaults to
             `False`.
+        qkv_bias: bool. Biases on the query, key and value projections
+            only (Qwen 2). Defaults to `False`.
+        query_key_norm: bool. Normalize each query and key head before RoPE
+            (Qwen 3, Gemma 3), see `TransformerFAM`. Defaults to `False`.
         position_embedding: str. `"rope"` or `"learned"` (GPT-2 style, needs
             `max_sequence_length`; the total streamed length is then bounded
             by it). Defaults to `"rope"`.
         max_sequence_length: int or `None`. Size of the learned position
             table. Defaults to `None`.
-        rope_max_wavelength: float. RoPE base. Defaults to `10000`.
-        rope_scaling_factor: float. Linear RoPE scaling. Defaults to `1.0`.
+        rope_max_wavelength: float, or a list of one float per layer
+            (Gemma 3's local and global layers). RoPE base. Defaults to
+            `10000`.
+        rope_scaling_factor: float, or a list of one float per layer.
+            Linear RoPE scaling. Defaults to `1.0`.
         rope_frequency_scaling: `None` or a dict of Llama 3.1 RoPE frequency
             scaling (`factor`, `low_freq_factor`, `high_freq_factor`,
             `original_max_position_embeddings`). Defaults to `None`.
@@ -148,7 +155,8 @@ class FAMBackbone(Backbone):
             Position Offset of a training step is non-zero. Defaults to `0.0`
             (off).
         max_position_offset: int or `None`. Offsets are uniform in
-            `[0, max_position_offset)`. Defaults to `rope_max_wavelength`.
+            `[0, max_position_offset)`. Defaults to `rope_max_wavelength` (its
+            largest value for a per-layer list).
         seed: int or `None`. Seed of the training tricks' random draws.
             Defaults to `None`.
         dtype: dtype policy of the model. Defaults to `None`.
@@ -193,6 +201,8 @@ class FAMBackbone(Backbone):
         layer_norm_epsilon=1e-6,
         sandwich_norm=False,
         use_bias=False,
+        qkv_bias=False,
+        query_key_norm=False,
         position_embedding="rope",
         max_sequence_length=None,
         rope_max_wavelength=10000,
@@ -256,6 +266,12 @@ class FAMBackbone(Backbone):
                     f"state_passing_probability={state_passing_probability}, "
                     f"training_streams={training_streams!r}"
                 )
+        wavelengths = _per_layer(
+            "rope_max_wavelength", rope_max_wavelength, num_layers
+        )
+        scaling_factors = _per_layer(
+            "rope_scaling_factor", rope_scaling_factor, num_layers
+        )
         # === Layers ===
         policy = keras.dtype_policies.get(dtype or keras.config.dtype_policy())
         self.token_embedding = ReversibleEmbedding(
@@ -294,9 +310,11 @@ class FAMBackbone(Backbone):
                     layer_norm_epsilon=layer_norm_epsilon,
                     sandwich_norm=sandwich_norm,
                     use_bias=use_bias,
+                    qkv_bias=qkv_bias,
+                    query_key_norm=query_key_norm,
                     use_rope=position_embedding == "rope",
-                    rope_max_wavelength=rope_max_wavelength,
-                    rope_scaling_factor=rope_scaling_factor,
+                    rope_max_wavelength=wavelengths[index],
+                    rope_scaling_factor=scaling_factors[index],
                     rope_frequency_scaling=rope_frequency_scaling,
                     query_scale=query_scale,
                     logit_soft_cap=logit_soft_cap,
@@ -341,7 +359,7 @@ class FAMBackbone(Backbone):
             )
         self.position_offset = RandomPositionOffset(
             max_offset=(
-                rope_max_wavelength
+                max(wavelengths)
                 if max_position_offset is None
                 else max_position_offset
             ),
@@ -422,6 +440,8 @@ class FAMBackbone(Backbone):
         self.layer_norm_epsilon = layer_norm_epsilon
         self.sandwich_norm = sandwich_norm
         self.use_bias = use_bias
+        self.qkv_bias = qkv_bias
+        self.query_key_norm = query_key_norm
         self.position_embedding_type = position_embedding
         self.max_sequence_length = max_sequence_length
         self.rope_max_wavelength = rope_max_wavelength
@@ -948,6 +968,8 @@ class FAMBackbone(Backbone):
             "layer_norm_epsilon": self.layer_norm_epsilon,
             "sandwich_norm": self.sandwich_norm,
             "use_bias": self.use_bias,
+            "qkv_bias": self.qkv_bias,
+            "query_key_norm": self.query_key_norm,
             "position_embedding": self.position_embedding_type,
             "max_sequence_length": self.max_sequence_length,
             "rope_max_wavelength": self.rope_max_wavelength,
@@ -1000,6 +1022,18 @@ def _concrete(tensor):
         return ops.convert_to_numpy(tensor)
     except Exception:  # Traced: values are checked in eager calls only.
         return None
+
+
+def _per_layer(name, value, num_layers):
+    """A float or one float per layer -> a list of `num_layers` floats."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != num_layers:
+            raise ValueError(
+                f"`{name}` must be a number or a list of one number per "
+                f"layer ({num_layers}). Received: {name}={value!r}"
+            )
+        return [float(v) for v in value]
+    return [value] * num_layers
 
 
 def _check_positive_int(name, value):

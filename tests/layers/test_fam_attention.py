@@ -198,3 +198,86 @@ def test_num_heads_must_divide_width():
         FAMAttention(num_heads=2).build((None, None, 6))
     # Without RoPE it is fine.
     FAMAttention(num_heads=2, use_rope=False).build((None, None, 6))
+
+
+def test_qkv_bias_puts_biases_on_query_key_value_only():
+    layer = _attention(use_bias=False, qkv_bias=True)
+    w = weights_by_path(layer)
+    assert sorted(w) == [
+        "attention_output/kernel",
+        "key/bias",
+        "key/kernel",
+        "query/bias",
+        "query/kernel",
+        "value/bias",
+        "value/kernel",
+    ]
+    rows = _rows()
+    positions = np.arange(5, dtype="float32")
+    key, value = layer.project_key_value(rows, positions)
+    expected_key = np.einsum("btd,dgh->btgh", rows, w["key/kernel"])
+    expected_key = _numpy_rope(expected_key + w["key/bias"], positions)
+    expected_value = np.einsum("btd,dgh->btgh", rows, w["value/kernel"])
+    np.testing.assert_allclose(to_numpy(key), expected_key, atol=1e-5)
+    np.testing.assert_allclose(
+        to_numpy(value), expected_value + w["value/bias"], atol=1e-5
+    )
+    with pytest.raises(ValueError, match="qkv_bias"):
+        FAMAttention(num_heads=2, qkv_bias="yes")
+
+
+@pytest.mark.parametrize("norm", ["rms_norm", "rms_norm_unit_offset"])
+def test_query_key_norm_matches_numpy(norm):
+    layer = _attention(use_bias=False, query_key_norm=norm)
+    w = weights_by_path(layer)
+    assert w["query_norm/scale"].shape == (4,)  # (head_dim,)
+    assert w["key_norm/scale"].shape == (4,)
+    rows = _rows()
+    positions = np.arange(2, 7, dtype="float32")
+
+    def head_norm(x, scale):
+        x = x / np.sqrt(np.mean(x**2, axis=-1, keepdims=True) + 1e-6)
+        return x * (1.0 + scale if norm == "rms_norm_unit_offset" else scale)
+
+    query = np.einsum("btd,dnh->btnh", rows, w["query/kernel"])
+    expected_query = _numpy_rope(
+        head_norm(query, w["query_norm/scale"]), positions
+    )
+    key = np.einsum("btd,dgh->btgh", rows, w["key/kernel"])
+    expected_key = _numpy_rope(head_norm(key, w["key_norm/scale"]), positions)
+    received_key, value = layer.project_key_value(rows, positions)
+    np.testing.assert_allclose(
+        to_numpy(layer.project_query(rows, positions)),
+        expected_query,
+        atol=1e-5,
+    )
+    np.testing.assert_allclose(to_numpy(received_key), expected_key, atol=1e-5)
+    # Values are not normed.
+    np.testing.assert_allclose(
+        to_numpy(value),
+        np.einsum("btd,dgh->btgh", rows, w["value/kernel"]),
+        atol=1e-5,
+    )
+    # The effect: a normed query does not change when its kernel is scaled
+    # (up to the epsilon and float32 rounding).
+    before = to_numpy(layer.project_query(rows, positions))
+    layer.query.kernel.assign(3.0 * w["query/kernel"])
+    np.testing.assert_allclose(
+        to_numpy(layer.project_query(rows, positions)), before, atol=1e-4
+    )
+
+
+def test_new_options_round_trip_and_are_checked():
+    layer = FAMAttention(
+        num_heads=2,
+        qkv_bias=True,
+        query_key_norm="rms_norm_unit_offset",
+        query_key_norm_epsilon=1e-5,
+    )
+    config = layer.get_config()
+    assert config["qkv_bias"] is True
+    assert config["query_key_norm"] == "rms_norm_unit_offset"
+    assert config["query_key_norm_epsilon"] == 1e-5
+    assert FAMAttention.from_config(config).get_config() == config
+    with pytest.raises(ValueError, match="query_key_norm='batch_norm'"):
+        FAMAttention(num_heads=2, query_key_norm="batch_norm")

@@ -58,6 +58,29 @@ def _configs():
             sliding_window=None,
             tie_word_embeddings=False,
         ),
+        "qwen2": tf.Qwen2Config(**common, tie_word_embeddings=True),
+        "qwen3": tf.Qwen3Config(
+            **common, head_dim=12, tie_word_embeddings=False
+        ),
+        # Six layers: five local (sliding window, RoPE base 1e4) and one
+        # global (base 1e6, linear scaling 8), as in Gemma 3.
+        "gemma3": tf.Gemma3TextConfig(
+            **{**common, "num_hidden_layers": 6},
+            head_dim=12,
+            query_pre_attn_scalar=12,
+            sliding_window=256,
+            rope_parameters={
+                "full_attention": {
+                    "rope_type": "linear",
+                    "factor": 8.0,
+                    "rope_theta": 1000000.0,
+                },
+                "sliding_attention": {
+                    "rope_type": "default",
+                    "rope_theta": 10000.0,
+                },
+            },
+        ),
         "gpt2": tf.GPT2Config(
             vocab_size=VOCAB,
             n_embd=32,
@@ -78,6 +101,9 @@ FAMILIES = (
     "gemma",
     "gemma2",
     "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma3",
     "gpt2",
 )
 
@@ -120,7 +146,7 @@ def build(family, directory, seed=0):
 
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(
-        config(family), attn_implementation="eager", torch_dtype=torch.float32
+        config(family), attn_implementation="eager", dtype=torch.float32
     )
     randomize(model, seed)
     model.eval()

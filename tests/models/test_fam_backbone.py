@@ -122,8 +122,24 @@ def test_padding_mask_hides_padded_tokens():
         ),
         dict(fam_length=0),
         dict(fam_normalization=True),
+        dict(qkv_bias=True, rope_scaling_factor=2.0),
+        dict(
+            normalization="rms_norm_unit_offset",
+            query_key_norm=True,
+            sandwich_norm=True,
+            head_dim=12,
+            rope_max_wavelength=[10000.0, 1000000.0],
+            rope_scaling_factor=[1.0, 8.0],
+        ),
     ],
-    ids=["gpt2_like", "gemma2_like", "bswa", "fam_normalization"],
+    ids=[
+        "gpt2_like",
+        "gemma2_like",
+        "bswa",
+        "fam_normalization",
+        "qwen2_like",
+        "gemma3_like",
+    ],
 )
 def test_architectures_stream_and_round_trip_config(overrides):
     backbone = tiny_backbone(**overrides)
@@ -142,6 +158,49 @@ def test_architectures_stream_and_round_trip_config(overrides):
     assert clone.get_config() == backbone.get_config()
     for layer in clone.transformer_layers:
         assert layer.fam_normalization == backbone.fam_normalization
+
+
+def test_per_layer_rope_and_attention_options_reach_the_layers():
+    backbone = tiny_backbone(
+        rope_max_wavelength=[500.0, 20000.0],
+        rope_scaling_factor=[1.0, 4.0],
+        qkv_bias=True,
+        query_key_norm=True,
+    )
+    first, second = (layer.attention for layer in backbone.transformer_layers)
+    assert (first.rope_max_wavelength, first.rope_scaling_factor) == (500, 1)
+    assert (second.rope_max_wavelength, second.rope_scaling_factor) == (
+        20000,
+        4,
+    )
+    for attention in (first, second):
+        assert attention.qkv_bias and not attention.use_bias
+        assert attention.query_key_norm == "rms_norm"
+        assert attention.query.bias is not None
+        assert attention.attention_output.bias is None
+    # The default Random Position Offset range is the largest base.
+    assert backbone.position_offset.max_offset == 20000
+    # A per-layer list changes the outputs of the layer it names only.
+    ids = token_ids()
+    uniform = tiny_backbone(
+        rope_max_wavelength=500.0,
+        rope_scaling_factor=1.0,
+        qkv_bias=True,
+        query_key_norm=True,
+    )
+    uniform.set_weights(backbone.get_weights())
+    mixed = uniform.transformer_layers[0]
+    x = uniform.embed(ids)
+    fams = uniform.initial_fams(2)
+    np.testing.assert_allclose(
+        numpy(mixed(x, fam=fams[0])),
+        numpy(backbone.transformer_layers[0](x, fam=fams[0])),
+        atol=1e-6,
+    )
+    difference = numpy(uniform({"token_ids": ids})) - numpy(
+        backbone({"token_ids": ids})
+    )
+    assert np.abs(difference).max() > 1e-3
 
 
 def test_embedding_scale_and_untied_head_take_effect():
@@ -216,6 +275,9 @@ def test_bad_inputs_raise_naming_the_argument():
         (dict(normalization="batch_norm"), "normalization"),
         (dict(position_embedding="learned"), "max_sequence_length"),
         (dict(state_passing_probability=1.5), "state_passing_probability"),
+        (dict(rope_max_wavelength=[1e4, 1e4, 1e4]), "rope_max_wavelength"),
+        (dict(rope_scaling_factor=[1.0]), "rope_scaling_factor"),
+        (dict(query_key_norm="yes"), "query_key_norm"),
         (
             dict(
                 position_embedding="learned",

@@ -120,3 +120,33 @@ def test_fam_on_checkpoint_fine_tunes_with_lora_and_generates(tmp_path):
     out = lm.generate(prompt, stop_token_ids=None)
     assert out["token_ids"].shape == (1, 12)
     np.testing.assert_array_equal(out["token_ids"][0, :3], [1, 2, 3])
+
+
+def test_gemma3_local_and_global_rope_bases_are_carried(tmp_path):
+    _, path = hf_checkpoints.build("gemma3", tmp_path)
+    backbone = FAMBackbone.from_preset(path, **COVERING)
+    # Five local layers (base 1e4), then one global (base 1e6, factor 8).
+    assert backbone.rope_max_wavelength == [1e4] * 5 + [1e6]
+    assert backbone.rope_scaling_factor == [1.0] * 5 + [8.0]
+    layer = backbone.transformer_layers[5]
+    assert layer.attention.query_key_norm == "rms_norm_unit_offset"
+    assert layer.sandwich_norm
+
+
+def test_qwen_checkpoints_carry_their_attention_options(tmp_path):
+    _, path = hf_checkpoints.build("qwen2", tmp_path / "qwen2")
+    attention = (
+        FAMBackbone.from_preset(path, **COVERING)
+        .transformer_layers[0]
+        .attention
+    )
+    assert attention.qkv_bias and not attention.use_bias
+    assert attention.query_key_norm is None
+    _, path = hf_checkpoints.build("qwen3", tmp_path / "qwen3")
+    attention = (
+        FAMBackbone.from_preset(path, **COVERING)
+        .transformer_layers[0]
+        .attention
+    )
+    assert attention.query_key_norm == "rms_norm"
+    assert attention.head_dim == 12 and not attention.qkv_bias

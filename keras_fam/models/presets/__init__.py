@@ -15,7 +15,8 @@ built-in name, a local directory, `kaggle://`, `hf://`), they
    weight through the adapter's weight mapping. Every original weight must be
    used and every FAM weight filled, except the new FAM summary embeddings.
 
-Each family adapter (`gemma`, `llama`, `mistral`, `gpt2`) is a module with two
+Each family adapter (`gemma`, `gemma3`, `llama`, `mistral`, `qwen`,
+`qwen3`, `gpt2`) is a module with two
 functions and nothing else: `convert_config(backbone)` returns `FAMBackbone`
 arguments read from the loaded KerasHub backbone (its config and, where
 KerasHub's layers do not follow their config, the layers themselves), and
@@ -37,12 +38,23 @@ import keras
 from keras import ops
 
 from keras_fam.layers.transformer_fam import _check_int
-from keras_fam.models.presets import gemma, gpt2, llama, mistral
+from keras_fam.models.presets import (
+    gemma,
+    gemma3,
+    gpt2,
+    llama,
+    mistral,
+    qwen,
+    qwen3,
+)
 
 FAMILIES = {
     "gemma": (gemma, ("GemmaBackbone",)),
+    "gemma3": (gemma3, ("Gemma3Backbone",)),
     "llama": (llama, ("LlamaBackbone", "Llama3Backbone")),
     "mistral": (mistral, ("MistralBackbone",)),
+    "qwen": (qwen, ("QwenBackbone",)),
+    "qwen3": (qwen3, ("Qwen3Backbone",)),
     "gpt2": (gpt2, ("GPT2Backbone",)),
 }
 # FAM weights that no original weight fills: the summary embeddings, and the
