@@ -19,7 +19,15 @@ import keras
 import keras_hub
 import numpy as np
 
-FAMILIES = ("gemma", "gemma2", "llama", "llama3", "mistral", "gpt2")
+FAMILIES = (
+    "gemma",
+    "gemma2",
+    "llama",
+    "llama3",
+    "mistral",
+    "phi3",
+    "gpt2",
+)
 
 _WORDS = (
     "the a one two red blue green cat dog bird fish tree house river stone "
@@ -99,17 +107,19 @@ def _tokenizer(family):
             }
         )
         return keras_hub.models.GemmaTokenizer(proto=proto)
-    if family in ("llama", "mistral"):
+    if family in ("llama", "mistral", "phi3"):
         proto = train_sentencepiece(
             {
                 "unk": (0, "<unk>"),
                 "bos": (1, "<s>"),
-                "eos": (2, "</s>"),
+                "eos": (2, "<|endoftext|>" if family == "phi3" else "</s>"),
                 "pad": (-1, None),
             }
         )
         if family == "llama":
             return keras_hub.models.LlamaTokenizer(proto=proto)
+        if family == "phi3":
+            return keras_hub.models.Phi3Tokenizer(proto=proto)
         return keras_hub.models.MistralTokenizer(proto=proto)
     if family == "llama3":
         vocabulary, merges = train_byte_pair(
@@ -190,6 +200,14 @@ def _backbone(family, vocabulary_size):
             head_dim=12,
             rope_scaling_factor=2.0,
             sliding_window=256,
+        )
+    if family == "phi3":
+        return keras_hub.models.Phi3Backbone(
+            **common,
+            num_query_heads=4,
+            num_key_value_heads=2,
+            hidden_dim=32,
+            intermediate_dim=48,
         )
     if family == "gpt2":
         return keras_hub.models.GPT2Backbone(

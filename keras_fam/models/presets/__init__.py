@@ -15,8 +15,8 @@ built-in name, a local directory, `kaggle://`, `hf://`), they
    weight through the adapter's weight mapping. Every original weight must be
    used and every FAM weight filled, except the new FAM summary embeddings.
 
-Each family adapter (`gemma`, `gemma3`, `llama`, `mistral`, `qwen`,
-`qwen3`, `gpt2`) is a module with two
+Each family adapter (`gemma`, `gemma3`, `llama`, `mistral`, `phi3`,
+`qwen`, `qwen3`, `gpt2`) is a module with two
 functions and nothing else: `convert_config(backbone)` returns `FAMBackbone`
 arguments read from the loaded KerasHub backbone (its config and, where
 KerasHub's layers do not follow their config, the layers themselves), and
@@ -44,6 +44,7 @@ from keras_fam.models.presets import (
     gpt2,
     llama,
     mistral,
+    phi3,
     qwen,
     qwen3,
 )
@@ -53,6 +54,7 @@ FAMILIES = {
     "gemma3": (gemma3, ("Gemma3Backbone",)),
     "llama": (llama, ("LlamaBackbone", "Llama3Backbone")),
     "mistral": (mistral, ("MistralBackbone",)),
+    "phi3": (phi3, ("Phi3Backbone",)),
     "qwen": (qwen, ("QwenBackbone",)),
     "qwen3": (qwen3, ("Qwen3Backbone",)),
     "gpt2": (gpt2, ("GPT2Backbone",)),
