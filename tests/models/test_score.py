@@ -15,7 +15,7 @@ def numpy(x):
     return np.asarray(ops.convert_to_numpy(x))
 
 
-def inputs(length=37, seed=0):
+def inputs(length=21, seed=0):
     rng = np.random.default_rng(seed)
     token_ids = rng.integers(0, VOCAB, (2, length)).astype("int32")
     padding_mask = np.ones((2, length), bool)
@@ -52,11 +52,14 @@ def test_logits_and_loss_equal_the_forward_pass(overrides):
         )
     )
     # Default (one chunk here), whole blocks, a chunk that is not a
-    # multiple of the block size, one token at a time.
-    for chunk_size in (None, 2 * BLOCK, 5, 1):
+    # multiple of the block size (token-by-token streaming equals the
+    # forward pass too: tests/models/test_fam_backbone.py).
+    for chunk_size in (None, 2 * BLOCK, 5):
         logits = numpy(lm.score(token_ids, padding_mask, chunk_size=chunk_size))
         assert logits.shape == full.shape
         np.testing.assert_allclose(logits[real], full[real], atol=1e-4)
+        if chunk_size not in (None, 5):
+            continue
         loss = numpy(
             lm.score(
                 token_ids,
@@ -71,7 +74,7 @@ def test_logits_and_loss_equal_the_forward_pass(overrides):
 
 
 def test_default_chunks_cover_long_inputs_and_padding_mask_defaults():
-    lm = tiny_models.tiny_lm(VOCAB, block_size=BLOCK)
+    lm = tiny_models.tiny_lm(VOCAB, block_size=32)
     token_ids = np.random.default_rng(1).integers(0, VOCAB, (1, 1100))
     token_ids = token_ids.astype("int32")
     full = numpy(
