@@ -56,9 +56,5 @@ def test_saved_state_resumes_the_stream():
     assert state.position == 7
     streamer = FAMStreamer(lm, batch_size=2, state=state)
     streamed = streamer.feed(expected["token_ids"][:, 7:], verbose=0)
-    np.testing.assert_allclose(
-        streamed, expected["streamed_logits"], atol=1e-5
-    )
-    np.testing.assert_allclose(
-        streamed, expected["logits"][:, 7:], atol=1e-5
-    )
+    np.testing.assert_allclose(streamed, expected["streamed_logits"], atol=1e-5)
+    np.testing.assert_allclose(streamed, expected["logits"][:, 7:], atol=1e-5)

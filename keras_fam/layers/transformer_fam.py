@@ -647,10 +647,22 @@ class TransformerFAM(keras.layers.Layer):
 
     # === The streaming chunk step (generation, any chunk length) ===
 
-    def _chunk_step(self, x, mask, state, offset, training):
+    def _chunk_step(self, x, mask, state, offset, training, count=None):
         """Tokens `x` `(B, C, D)` that start at in-block index `offset` and
-        end inside, or at the end of, the current block."""
+        end inside, or at the end of, the current block.
+
+        `count` (`None` or a scalar, possibly known only at run time): only
+        the first `count < block_size - offset` tokens are real and the
+        position advances by `count`; the others are masked out of the
+        block's keys (a later chunk overwrites them) and the block does not
+        complete (a prompt's last, partial block in one call).
+        """
         fam_length, length = self.fam_length, x.shape[1]
+        advance = length
+        if count is not None:
+            advance = count
+            valid = ops.arange(length, dtype="int32") < ops.cast(count, "int32")
+            mask = ops.logical_and(mask, valid[None])
         positions = ops.add(
             ops.cast(state["index"] + state["position_offset"], "float32"),
             np.arange(length, dtype="float32"),
@@ -663,7 +675,7 @@ class TransformerFAM(keras.layers.Layer):
             "block_key": _write_at(state["block_key"], offset, key),
             "block_value": _write_at(state["block_value"], offset, value),
             "block_mask": _write_at(state["block_mask"], offset, mask),
-            "index": state["index"] + length,
+            "index": state["index"] + advance,
         }
         keys, values, key_mask = self._streaming_keys(state)
         if isinstance(offset, int):
@@ -680,6 +692,8 @@ class TransformerFAM(keras.layers.Layer):
             training,
         )
         completes = offset + length == self.block_size
+        if count is not None:
+            return outputs, state
         if isinstance(offset, int):
             if completes:
                 state = self._close_block(state, keys, values, key_mask)
@@ -797,6 +811,88 @@ class TransformerFAM(keras.layers.Layer):
         return ops.concatenate(outputs, axis=1), state
 
     # === Public API ===
+
+    def run_blocks(self, inputs, state, padding_mask=None, training=None):
+        """Whole blocks from a block boundary, through the fused block step.
+
+        Unlike `call`, the state's position may be known only at run time
+        (inside a compiled loop over blocks); it must be a multiple of
+        `block_size`. `parallel_blocks` picks the implementation as in
+        `call`.
+
+        Args:
+            inputs: float tensor `(batch, k * block_size, width)`.
+            state: a streaming state at a block boundary.
+            padding_mask: optional bool `(batch, k * block_size)`.
+            training: bool. Enables dropout.
+
+        Returns:
+            `(outputs, state)`.
+        """
+        mask = self._padding_mask(inputs, padding_mask)
+        run = (
+            self._run_blocks_parallel
+            if self.parallel_blocks
+            else (self._run_blocks)
+        )
+        outputs, state = run(inputs, mask, state, training)
+        state["index"] = ops.cast(state["index"], "int32")
+        return outputs, state
+
+    def run_partial_block(self, inputs, state, length, padding_mask=None):
+        """The first `length` tokens of a block, in one call.
+
+        `inputs` holds `block_size` rows starting at a block boundary (the
+        state's position, possibly known only at run time); only the first
+        `length < block_size` are real (a run-time scalar is fine): the
+        state advances by `length` and the block stays open, so later
+        tokens continue it. The outputs of the first `length` rows equal
+        those of streaming the tokens; the other rows are meaningless.
+        This is how a prompt's last, partial block is prefilled at once.
+
+        Args:
+            inputs: float tensor `(batch, block_size, width)`.
+            state: a streaming state at a block boundary.
+            length: int or int scalar tensor in `[0, block_size)`.
+            padding_mask: optional bool `(batch, block_size)`.
+
+        Returns:
+            `(outputs, state)`.
+        """
+        mask = self._padding_mask(inputs, padding_mask)
+        outputs, state = self._chunk_step(
+            inputs, mask, state, 0, False, count=length
+        )
+        state["index"] = ops.cast(state["index"], "int32")
+        return outputs, state
+
+    def summary_step(self, fam, training=None):
+        """The layer's output on FAM rows alone: its FAM update over an
+        empty block (the rows attend to all of themselves at the positions
+        of an initial FAM, then the feedforward network). `FAMBackbone`
+        derives the next layer's initial FAM with it.
+
+        Args:
+            fam: float tensor `(batch, fam_length, width)`.
+            training: bool. Enables dropout.
+
+        Returns:
+            `(batch, fam_length, width)`.
+        """
+        positions = self._fam_positions(0, 0)
+        hidden = self.attention_norm(fam)
+        query = self.attention.project_query(hidden, positions)
+        key, value = self.attention.project_key_value(hidden, positions)
+        key_mask = ops.ones_like(fam[:, :, 0], dtype="bool")
+        mask = ops.logical_or(key_mask[:, None, :], key_mask[:, :, None])
+        return self._attend_and_feed(
+            fam, query, key, value, mask, None, training
+        )
+
+    def _padding_mask(self, inputs, padding_mask):
+        if padding_mask is None:
+            return ops.ones_like(inputs[:, :, 0], dtype="bool")
+        return ops.cast(padding_mask, "bool")
 
     def get_initial_state(self, batch_size, fam=None, position_offset=0):
         """A fresh streaming state.

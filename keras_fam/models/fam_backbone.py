@@ -520,7 +520,7 @@ class FAMBackbone(Backbone):
         for index, layer in enumerate(self.transformer_layers):
             fams.append(fam)
             if index + 1 < self.num_layers:
-                fam = _summary_step(layer, fam, training)
+                fam = layer.summary_step(fam, training=training)
         shape = (batch_size, self.fam_length, self.hidden_dim)
         return [ops.broadcast_to(fam, shape) for fam in fams]
 
@@ -659,15 +659,60 @@ class FAMBackbone(Backbone):
         the (equal, slower) token-by-token path.
         """
         x = self.embed(token_ids, start_index=state[0]["index"])
-        mask = ops.ones_like(token_ids, dtype="bool")
         new_state = []
         for layer, layer_state in zip(
             self.transformer_layers, state, strict=True
         ):
-            x, layer_state = layer._run_blocks(x, mask, layer_state, False)
-            layer_state["index"] = ops.cast(layer_state["index"], "int32")
+            x, layer_state = layer.run_blocks(x, layer_state)
             new_state.append(layer_state)
         return self.layer_norm(x), tuple(new_state)
+
+    def prefill(self, token_ids, state, length):
+        """Feed the first `length` tokens of `token_ids` `(B, T)` into a
+        fresh `state`: whole blocks one per loop iteration
+        (`prefill_blocks`), then the last partial block in one call of each
+        layer's `run_partial_block`. `length` may be a run-time scalar
+        (inside a compiled `generate`); nothing grows with it.
+
+        Returns:
+            The state after `length` tokens.
+        """
+        size = self.block_size
+        batch_size = ops.shape(token_ids)[0]
+        length = ops.cast(length, "int32")
+        num_blocks = length // size
+        state = self.prefill_blocks(token_ids, state, num_blocks)
+        # One block of ids from the partial block's start; padded so the
+        # slice stays inside `token_ids` (a clamped slice would shift it).
+        padded = ops.pad(token_ids, ((0, 0), (0, size)))
+        start = num_blocks * size
+        ids = ops.slice(padded, (0, start), (batch_size, size))
+        x = self._embed_block(ids, start)
+        new_state = []
+        for layer, layer_state in zip(
+            self.transformer_layers, state, strict=True
+        ):
+            x, layer_state = layer.run_partial_block(
+                x, layer_state, length - start
+            )
+            new_state.append(layer_state)
+        return tuple(new_state)
+
+    def _embed_block(self, token_ids, start_index):
+        """`embed` of one block at a run-time position; learned positions
+        past the table (rows after the real tokens) are clipped to its last
+        row instead of shifting the whole slice."""
+        if self.position_embedding is None:
+            return self.embed(token_ids)
+        x = self.token_embedding(token_ids)
+        if self.embedding_scale is not None:
+            x = x * ops.cast(self.embedding_scale, x.dtype)
+        positions = ops.minimum(
+            start_index + ops.arange(token_ids.shape[1], dtype="int32"),
+            self.max_sequence_length - 1,
+        )
+        table = self.position_embedding.position_embeddings
+        return x + ops.cast(ops.take(table, positions, axis=0), x.dtype)
 
     def prefill_blocks(self, token_ids, state, num_blocks):
         """Feed the first `num_blocks` whole blocks of `token_ids` `(B, T)`
@@ -988,19 +1033,6 @@ class FAMBackbone(Backbone):
             "seed": self.seed,
             "training_streams": self.training_streams,
         }
-
-
-def _summary_step(layer, fam, training):
-    """Layer `layer`'s output on the summary rows `fam` `(1, F, D)` alone:
-    they attend to all of themselves, then the feedforward network; the
-    layer's own math (`_attend_and_feed`), i.e. its FAM update over an empty
-    block."""
-    positions = layer._fam_positions(0, 0)
-    hidden = layer.attention_norm(fam)
-    query = layer.attention.project_query(hidden, positions)
-    key, value = layer.attention.project_key_value(hidden, positions)
-    mask = ops.ones((1, layer.fam_length, layer.fam_length), dtype="bool")
-    return layer._attend_and_feed(fam, query, key, value, mask, None, training)
 
 
 def _in_symbolic_scope():

@@ -35,14 +35,16 @@ class FAMCausalLM(CausalLM):
     (`ops.cond` in the layer's one-token step). Per-token cost is constant.
 
     Prefill: KerasHub pads prompts to `max_length` and the sampler starts at
-    the shortest prompt's end. `generate_step` feeds the whole blocks before
-    that point with a loop over blocks (one block of token ids sliced,
-    embedded and run through every layer per iteration), so besides the
-    token ids (`(B, max_length)`, which KerasHub's `generate` owns) nothing
-    grows with the prompt. The remaining prompt tokens (fewer than
-    `block_size`) go through the sampler loop one at a time; the sampler keeps
-    prompt tokens where `padding_mask` is true. Prompts must hold at least
-    one token (for example a start token).
+    the shortest prompt's end. `generate_step` feeds every token before that
+    point first (`FAMBackbone.prefill`): the whole blocks with a loop over
+    blocks (one block of token ids sliced, embedded and run through every
+    layer's fused block step per iteration), then the last, partial block in
+    one call of each layer (`TransformerFAM.run_partial_block`). So besides
+    the token ids (`(B, max_length)`, which KerasHub's `generate` owns)
+    nothing grows with the prompt, and the sampler loop runs one step per
+    generated token (and per prompt token of rows longer than the shortest
+    one; the sampler keeps prompt tokens where `padding_mask` is true).
+    Prompts must hold at least one token (for example a start token).
 
     `max_length`: with a preprocessor it is the packed length (a
     `ValueError` if a tokenized prompt is longer); without one, prompts are
@@ -296,16 +298,14 @@ class FAMCausalLM(CausalLM):
         return self.logits(hidden_states), hidden_states, cache
 
     def _build_cache(self, token_ids, padding_mask):
-        """A cache holding every whole block before the shortest prompt's
+        """A cache holding every prompt token before the shortest prompt's
         last token, and the index at which the sampler starts."""
-        block_size = self.backbone.block_size
         batch_size = ops.shape(token_ids)[0]
         row_lengths = ops.sum(ops.cast(padding_mask, "int32"), axis=-1)
         shortest = ops.maximum(ops.min(row_lengths), 1)
-        num_blocks = (shortest - 1) // block_size
         cache = self.backbone.get_initial_state(batch_size)
-        cache = self.backbone.prefill_blocks(token_ids, cache, num_blocks)
-        return cache, num_blocks * block_size + 1
+        cache = self.backbone.prefill(token_ids, cache, shortest - 1)
+        return cache, shortest
 
     def generate_step(self, inputs, stop_token_ids=None):
         """A compilable generation function for one batch.

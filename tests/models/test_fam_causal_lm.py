@@ -46,12 +46,26 @@ def test_fit_lowers_the_loss():
     assert losses[-1] < 0.5 * losses[0], losses
 
 
-def test_greedy_generate_equals_argmax_of_full_forward():
+@pytest.mark.parametrize(
+    "lengths",
+    # Shortest prompts at, just before and just after block boundaries
+    # (2 * BLOCK: an exact multiple of `block_size`), and a 1-token prompt.
+    [
+        (14, 10),
+        (14, 2 * BLOCK),
+        (2 * BLOCK - 1, 14),
+        (2 * BLOCK + 1, 9),
+        (BLOCK, BLOCK),
+        (1, 6),
+    ],
+)
+def test_greedy_generate_equals_argmax_of_full_forward(lengths):
     """More than 3 * block_size + 5 generated tokens, crossing FAM updates,
-    from prompts of different lengths; the shortest prompt's first two
-    blocks are prefilled by the block loop, the rest token by token."""
+    from prompts of different lengths; every prompt token before the
+    shortest prompt's last one is prefilled (whole blocks by the block loop,
+    the partial block in one call), the rest token by token."""
     lm = tiny_lm()
-    lengths = (14, 10)
+    shortest = min(lengths)
     prompt = np.zeros((2, 14 + 3 * BLOCK + 5), "int32")
     mask = np.zeros_like(prompt, bool)
     rng = np.random.default_rng(3)
@@ -59,8 +73,25 @@ def test_greedy_generate_equals_argmax_of_full_forward():
         prompt[row, :length] = rng.integers(0, VOCAB, length)
         mask[row, :length] = True
     cache, index = lm._build_cache(prompt, mask)
-    assert int(numpy(index)) == 2 * BLOCK + 1
-    assert int(numpy(cache[0]["index"])) == 2 * BLOCK
+    assert int(numpy(index)) == shortest
+    assert int(numpy(cache[0]["index"])) == shortest - 1
+    # The prefilled cache is the streaming state of those tokens.
+    streamed = lm.backbone.get_initial_state(2)
+    if shortest > 1:
+        _, streamed = lm.backbone.stream(prompt[:, : shortest - 1], streamed)
+    for got, want in zip(cache, streamed, strict=True):
+        for key in ("fam", "memory_key", "memory_mask", "block_mask"):
+            np.testing.assert_allclose(
+                numpy(got[key]), numpy(want[key]), atol=1e-5
+            )
+        # Block rows past the prefilled tokens are masked out (and later
+        # overwritten): only the real rows must agree.
+        real = numpy(want["block_mask"])
+        np.testing.assert_allclose(
+            numpy(got["block_key"])[real],
+            numpy(want["block_key"])[real],
+            atol=1e-5,
+        )
     out = lm.generate(
         {"token_ids": prompt, "padding_mask": mask}, stop_token_ids=None
     )
