@@ -27,6 +27,11 @@ same interleaved rounds: (time of `P + new_tokens`) minus (time of
 `P + 1`, prefill and one token) over `new_tokens - 1`. Flat means the
 per-token cost does not grow with the position.
 
+On a CPU shared with other processes, PyTorch's intra-op threads stall at
+every eager op's barrier (a 2-core machine at load 6 made one FAM decoding
+step 10x slower with 2 threads than with 1, KerasHub's alike); pass
+`--torch-threads 1` there.
+
 `--quick`: prompts (1024,) only and 3 repeats (a smoke run; the model size
 stays that of the issue).
 
@@ -117,7 +122,19 @@ def main():
         help="skip the P + 1 cases (per-token table)",
     )
     parser.add_argument("--output", default=None, help="JSON results file")
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="PyTorch intra-op threads (`torch.set_num_threads`, both "
+        "models); 1 avoids thread-barrier stalls of eager ops on an "
+        "oversubscribed CPU",
+    )
     args = parser.parse_args()
+    if args.torch_threads and keras.backend.backend() == "torch":
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
     prompts = args.prompts or ((1024,) if args.quick else PROMPTS)
     repeats = args.repeats or (3 if args.quick else 5)
     new = args.new_tokens

@@ -21,10 +21,12 @@ whole blocks in training, forward+backward at 2k and 8k:
 `parallel_blocks=False` (the default loop over the fused block step) and
 `parallel_blocks=True`. Width 256, 4 heads, feedforward 1024, batch 1, float32.
 Functions are compiled (`jax.jit`, `tf.function(jit_compile=True)`; PyTorch
-runs eagerly); the first call (compilation, warm-up) is not timed, the
-compared configurations run in turn `--repeats` times (so a change in machine
-load hits all alike) and the median of each is reported. A configuration
-whose attention would not fit in memory is reported as `OOM` with the memory
+runs eagerly); the first two calls (compilation, warm-up) are not timed; the
+compared configurations then run in turn `--repeats` rounds, the order
+rotating by one each round (so a change in machine load hits all alike and
+no configuration always follows the same one), each timing repeating its
+step for at least half a second, and the median of each is reported. A
+configuration whose attention would not fit in memory is reported as `OOM` with the memory
 it asked for, instead of being run.
 
 Shape letters: B batch, T sequence, D width, N heads.
@@ -49,6 +51,7 @@ MEMORY_SEGMENTS = 1
 FAM_LENGTH = 16
 BATCH = 1
 KINDS = ("fam", "bswa", "full")
+MIN_SECONDS = 0.5  # Each timing repeats a step at least this long.
 
 
 def layer_config(kind, length):
@@ -181,16 +184,30 @@ def prepare(kind, length, backward, memory_limit, parallel_blocks=False):
         raise
 
 
-def time_interleaved(steps, repeats):
-    """Median seconds of each step, the steps run in turn `repeats` times
-    (so that a change in machine load hits all of them alike). Entries that
-    are not callables (OOM reports) are passed through."""
-    times = {name: [] for name, step in steps.items() if callable(step)}
-    for _ in range(repeats):
-        for name in times:
-            begin = time.perf_counter()
-            steps[name]()
-            times[name].append(time.perf_counter() - begin)
+def time_interleaved(steps, repeats, min_seconds=MIN_SECONDS):
+    """Median seconds per call of each step.
+
+    Every step is warmed up once more (its first call, in `prepare`, also
+    compiled it). Then `repeats` rounds time each step once, in an order
+    that rotates by one step per round, so that no step always follows the
+    same one (a large configuration evicts the CPU caches of the next) and
+    a change in machine load hits all steps alike. Each timing repeats the
+    step for at least `min_seconds` and divides by the number of calls, so
+    a short step is not timed by one scheduler time slice. Entries that
+    are not callables (OOM reports) are passed through.
+    """
+    names = [name for name, step in steps.items() if callable(step)]
+    for name in names:
+        steps[name]()
+    times = {name: [] for name in names}
+    for turn in range(repeats):
+        shift = turn % max(len(names), 1)
+        for name in names[shift:] + names[:shift]:
+            calls, begin = 0, time.perf_counter()
+            while calls == 0 or time.perf_counter() - begin < min_seconds:
+                steps[name]()
+                calls += 1
+            times[name].append((time.perf_counter() - begin) / calls)
     return {
         name: statistics.median(times[name]) if name in times else step
         for name, step in steps.items()

@@ -273,7 +273,7 @@ class FAMStreamer:
                 f"{self.state.batch_size}, tokens). "
                 f"Received: token_ids.shape={token_ids.shape}"
             )
-        self.backbone._check_inputs({"token_ids": token_ids})
+        self.backbone.check_inputs({"token_ids": token_ids})
         token_ids = token_ids.astype("int32")
         length, size = token_ids.shape[1], self.backbone.block_size
         if verbose == "auto":

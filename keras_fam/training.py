@@ -44,16 +44,7 @@ import keras
 import numpy as np
 from keras import ops
 
-
-def _check_probability(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(
-            f"`{name}` must be a float in [0, 1]. Received: {name}={value!r}"
-        )
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(
-            f"`{name}` must be in [0, 1]. Received: {name}={value}"
-        )
+from keras_fam.checks import check_probability
 
 
 @keras.saving.register_keras_serializable(package="keras_fam")
@@ -93,7 +84,7 @@ class RandomStatePassing(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        _check_probability("state_passing_probability", probability)
+        check_probability("state_passing_probability", probability)
         self.num_layers = num_layers
         self.fam_length = fam_length
         self.hidden_dim = hidden_dim
@@ -179,7 +170,7 @@ class RandomPositionOffset(keras.layers.Layer):
 
     def __init__(self, max_offset, probability=0.5, seed=None, **kwargs):
         super().__init__(**kwargs)
-        _check_probability("position_offset_probability", probability)
+        check_probability("position_offset_probability", probability)
         if isinstance(max_offset, bool) or not isinstance(
             max_offset, (int, float)
         ):
@@ -384,7 +375,7 @@ def streamed_batches(
                 f"`{name}` must be a positive integer. "
                 f"Received: {name}={value!r}"
             )
-    _check_probability("reset_probability", reset_probability)
+    check_probability("reset_probability", reset_probability)
     if not callable(sample_document):
         raise TypeError(
             "`sample_document` must be a callable `rng -> token_ids`. "

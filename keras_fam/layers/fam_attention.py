@@ -15,6 +15,7 @@ import math
 import keras
 from keras import ops
 
+from keras_fam.checks import check_bool, check_int
 from keras_fam.layers.rms_normalization import RMSNormalization
 from keras_fam.ops import dispatch
 
@@ -196,10 +197,7 @@ class FAMAttention(keras.layers.Layer):
     ):
         super().__init__(**kwargs)
         num_key_value_heads = num_key_value_heads or num_heads
-        if not isinstance(qkv_bias, bool):
-            raise ValueError(
-                f"`qkv_bias` must be a bool. Received: qkv_bias={qkv_bias!r}"
-            )
+        check_bool("qkv_bias", qkv_bias)
         if query_key_norm is not None and query_key_norm not in (
             QUERY_KEY_NORMS
         ):
@@ -207,8 +205,8 @@ class FAMAttention(keras.layers.Layer):
                 f"`query_key_norm` must be `None` or one of {QUERY_KEY_NORMS}."
                 f" Received: query_key_norm={query_key_norm!r}"
             )
-        _check_positive_int("num_heads", num_heads)
-        _check_positive_int("num_key_value_heads", num_key_value_heads)
+        check_int("num_heads", num_heads)
+        check_int("num_key_value_heads", num_key_value_heads)
         if num_heads % num_key_value_heads:
             raise ValueError(
                 "`num_key_value_heads` must divide `num_heads`. Received: "
@@ -216,7 +214,7 @@ class FAMAttention(keras.layers.Layer):
                 f"num_heads={num_heads}"
             )
         if head_dim is not None:
-            _check_positive_int("head_dim", head_dim)
+            check_int("head_dim", head_dim)
             if use_rope and head_dim % 2:
                 raise ValueError(
                     "`head_dim` must be even with `use_rope=True`. "
@@ -379,10 +377,3 @@ class FAMAttention(keras.layers.Layer):
             ),
             "attention_implementation": self.attention_implementation,
         }
-
-
-def _check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(
-            f"`{name}` must be a positive integer. Received: {name}={value!r}"
-        )

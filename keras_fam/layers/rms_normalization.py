@@ -1,8 +1,33 @@
-"""Root-mean-square layer normalization, as in Llama (`scale`) and Gemma
-(`1 + scale`)."""
+"""The norms of keras_fam: root-mean-square layer normalization, as in Llama
+(`scale`) and Gemma (`1 + scale`), and `normalization_layer`, the one
+factory every layer and model builds its norms with.
+
+Why not `keras.layers.RMSNormalization`: it has no Gemma unit offset, and its
+weight is named differently (`scale` here, as in KerasHub's Llama and Gemma
+norms and in every file saved by keras_fam), so presets and `.keras` files
+would no longer load. The math is the same (`rms_normalize`).
+"""
 
 import keras
 from keras import ops
+
+NORMALIZATIONS = ("layer_norm", "rms_norm", "rms_norm_unit_offset")
+
+
+def normalization_layer(kind, epsilon, dtype=None, name=None):
+    """A norm layer of `kind` (one of `NORMALIZATIONS`): Keras'
+    `LayerNormalization`, or `RMSNormalization` with (Gemma) or without
+    (Llama) unit offset."""
+    if kind == "layer_norm":
+        return keras.layers.LayerNormalization(
+            epsilon=epsilon, dtype=dtype, name=name
+        )
+    return RMSNormalization(
+        epsilon=epsilon,
+        unit_offset=kind == "rms_norm_unit_offset",
+        dtype=dtype,
+        name=name,
+    )
 
 
 def rms_normalize(x, epsilon=1e-6):

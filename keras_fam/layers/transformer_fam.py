@@ -8,9 +8,26 @@ Everything here is one block step of one layer (paper Algorithm 2):
 computed as one fused attention of the rows [FAM ; block] over the keys
 [memory ; FAM ; block] under the static mask of `keras_fam.ops.masks`, then the
 feedforward network on both FAM and block rows (FAM goes through the whole
-layer). `_attend_and_feed` is the only place the layer's math is written; the
-fused block step (training, prefill) and the streaming chunk step
-(generation, any chunk length) both call it.
+layer).
+
+`TransformerFAM.step` is the only place this is written: some rows (FAM rows,
+token rows or both) attend to a key layout under their rows of the one static
+mask, then go through the feedforward network. Its callers only choose rows,
+positions and key layout:
+
+- `_block_step`: the fused block step ([FAM ; block] over [memory ; FAM ;
+  block]), looped over blocks by `_run_blocks` (training, prefill);
+- `_run_blocks_parallel` (`parallel_blocks=True`): FAM rows over [FAM ;
+  block] in a loop, then the token rows of all blocks in one call;
+- `_chunk_step`: streamed tokens (generation, any chunk length) over the
+  state's [memory ; FAM ; block] keys; `_close_block`: the FAM update at a
+  streamed block's end, over the same keys;
+- `summary_step`: FAM rows over their own keys (the backbone's initial FAMs).
+
+Public entry points for models: `call` (full sequence or streaming with a
+`state`), `run_blocks`, `run_partial_block`, `summary_step`,
+`get_initial_state`. The streaming state is a dict of `STATE_KEYS` with
+shapes from `state_shapes`; its checks are `check_state`.
 
 Shape letters: B batch, T sequence, D width, S block size, M memory segments,
 F FAM length, G key/value heads, H head dim.
@@ -20,20 +37,28 @@ References:
     arXiv 2404.09173.
 """
 
+import inspect
+
 import keras
 import numpy as np
 from keras import ops
 
+from keras_fam.checks import (
+    check_bool,
+    check_choice,
+    check_int,
+    shapes_match,
+)
 from keras_fam.layers.fam_attention import FAMAttention
 from keras_fam.layers.feedforward import FeedForward
 from keras_fam.layers.rms_normalization import (
-    RMSNormalization,
+    NORMALIZATIONS,
+    normalization_layer,
     rms_normalize,
 )
 from keras_fam.ops import dispatch
 from keras_fam.ops.masks import block_self_mask, block_step_mask
 
-NORMALIZATIONS = ("layer_norm", "rms_norm", "rms_norm_unit_offset")
 STATE_KEYS = (
     "fam",
     "fam_key",
@@ -223,21 +248,13 @@ class TransformerFAM(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        _check_int("block_size", block_size, minimum=1)
-        if not isinstance(query_key_norm, bool):
-            raise ValueError(
-                "`query_key_norm` must be a bool. "
-                f"Received: query_key_norm={query_key_norm!r}"
-            )
-        _check_int("memory_segments", memory_segments, minimum=0)
-        _check_int("fam_length", fam_length, minimum=0)
+        check_int("block_size", block_size, minimum=1)
+        check_bool("query_key_norm", query_key_norm)
+        check_int("memory_segments", memory_segments, minimum=0)
+        check_int("fam_length", fam_length, minimum=0)
         if intermediate_dim is not None:
-            _check_int("intermediate_dim", intermediate_dim, minimum=1)
-        if normalization not in NORMALIZATIONS:
-            raise ValueError(
-                f"`normalization` must be one of {NORMALIZATIONS}. "
-                f"Received: normalization={normalization!r}"
-            )
+            check_int("intermediate_dim", intermediate_dim, minimum=1)
+        check_choice("normalization", normalization, NORMALIZATIONS)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(
                 f"`dropout` must be in [0, 1). Received: dropout={dropout}"
@@ -255,17 +272,9 @@ class TransformerFAM(keras.layers.Layer):
         self.use_bias = use_bias
         self.dropout = dropout
         self.learned_initial_fam = learned_initial_fam
-        if not isinstance(parallel_blocks, bool):
-            raise ValueError(
-                "`parallel_blocks` must be a bool. "
-                f"Received: parallel_blocks={parallel_blocks!r}"
-            )
+        check_bool("parallel_blocks", parallel_blocks)
         self.parallel_blocks = parallel_blocks
-        if not isinstance(fam_normalization, bool):
-            raise ValueError(
-                "`fam_normalization` must be a bool. "
-                f"Received: fam_normalization={fam_normalization!r}"
-            )
+        check_bool("fam_normalization", fam_normalization)
         self.fam_normalization = fam_normalization
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.supports_masking = True
@@ -315,15 +324,9 @@ class TransformerFAM(keras.layers.Layer):
     # === Build ===
 
     def _norm(self, name):
-        if self.normalization == "layer_norm":
-            return keras.layers.LayerNormalization(
-                epsilon=self.layer_norm_epsilon,
-                dtype=self.dtype_policy,
-                name=name,
-            )
-        return RMSNormalization(
-            epsilon=self.layer_norm_epsilon,
-            unit_offset=self.normalization == "rms_norm_unit_offset",
+        return normalization_layer(
+            self.normalization,
+            self.layer_norm_epsilon,
             dtype=self.dtype_policy,
             name=name,
         )
@@ -356,23 +359,67 @@ class TransformerFAM(keras.layers.Layer):
                 initializer=keras.initializers.RandomNormal(stddev=0.02),
             )
 
-    # === The layer's math: attention + feedforward of some rows ===
+    # === The step: the layer's math for some rows over some keys ===
 
-    def _attend_and_feed(self, rows, query, key, value, mask, keep, training):
-        """Pre-norm attention and feedforward blocks with residuals.
+    def step(
+        self,
+        rows,
+        positions,
+        keys,
+        mask_rows,
+        columns=slice(None),
+        projected=None,
+        keep=None,
+        training=None,
+    ):
+        """One step of the layer: `rows` attend to a key layout, then go
+        through the feedforward network (pre-norm, residuals).
 
-        `rows` `(B, T, D)` are the un-normed rows whose queries are `query`;
-        `keep` is `None` or a pair of precomputed dropout keep-masks (inside a
-        scan, where a seed generator cannot advance).
+        Every path is a caller of this: the fused block step ([FAM ; block]
+        rows over [memory ; FAM ; block] keys), `parallel_blocks` (FAM rows
+        over [FAM ; block], then all blocks' token rows at once), a streamed
+        chunk (token rows over the state's keys), the FAM update at the end
+        of a streamed block (FAM rows over the state's keys) and
+        `summary_step` (FAM rows over their own keys).
+
+        Args:
+            rows: `(B, R, D)` un-normed rows (FAM vectors, tokens or both).
+            positions: `(R,)` float positions of the rows (RoPE).
+            keys: the key layout, a function `(key, value) -> (keys, values,
+                key_mask)` given the rows' own rotated keys and values
+                `(B, R, G, H)`: the keys `(B, K, G, H)` the rows attend to
+                and which of them are valid `(B, K)`.
+            mask_rows: which rows of the one static mask
+                (`keras_fam.ops.masks.block_step_mask`) the rows are: a NumPy
+                array, or a tensor (a chunk at a run-time offset).
+            columns: the static mask's columns of the key layout, a slice of
+                [memory ; FAM ; block]. Defaults to all.
+            projected: `None`, or `(query, key, value)` of the rows when the
+                caller projected them already (all tokens at once).
+            keep: `None`, or a pair of dropout keep-masks (inside a scan,
+                where a seed generator cannot advance).
+            training: bool. Enables dropout.
+
+        Returns:
+            `(rows, (key, value))`: the rows after the layer, and their own
+            keys/values (what the caller stores in memory).
         """
-        attended = self.attention.attend(query, key, value, mask)
+        if projected is None:
+            hidden = self.attention_norm(rows)
+            query = self.attention.project_query(hidden, positions)
+            key, value = self.attention.project_key_value(hidden, positions)
+        else:
+            query, key, value = projected
+        all_keys, all_values, key_mask = keys(key, value)
+        mask = self._mask(mask_rows, key_mask, columns)
+        attended = self.attention.attend(query, all_keys, all_values, mask)
         if self.sandwich_norm:
             attended = self.post_attention_norm(attended)
         rows = rows + self._drop(attended, keep, 0, training)
         fed = self.feedforward(self.feedforward_norm(rows))
         if self.sandwich_norm:
             fed = self.post_feedforward_norm(fed)
-        return rows + self._drop(fed, keep, 1, training)
+        return rows + self._drop(fed, keep, 1, training), (key, value)
 
     def _carried_fam(self, fam):
         """The updated FAM as carried to the next block: unit RMS per vector
@@ -386,20 +433,21 @@ class TransformerFAM(keras.layers.Layer):
             return x * ops.cast(keep[which], x.dtype) / (1.0 - self.dropout)
         return self.dropout_layer(x, training=training)
 
-    def _mask(self, rows, key_mask, first_key=0):
+    def _mask(self, rows, key_mask, columns=slice(None)):
         """Run-time `(B, rows, K)` mask: static rows AND valid keys, OR self.
 
         `rows` indexes the static mask: a NumPy array (fused step, FAM
         update) or a tensor (a streamed chunk at a run-time offset).
-        `first_key` drops the static mask's first columns (the FAM rows of
-        the parallel path, which never see the memory, omit its keys).
+        `columns` selects the static mask's columns of the key layout (the
+        FAM rows of the parallel path never see the memory and omit its
+        keys).
         """
         if isinstance(rows, np.ndarray):
-            static = self._static_mask[rows, first_key:]
-            own = self._self_mask[rows, first_key:]
+            static = self._static_mask[rows, columns]
+            own = self._self_mask[rows, columns]
         else:
-            static = ops.take(self._static_mask[:, first_key:], rows, axis=0)
-            own = ops.take(self._self_mask[:, first_key:], rows, axis=0)
+            static = ops.take(self._static_mask[:, columns], rows, axis=0)
+            own = ops.take(self._self_mask[:, columns], rows, axis=0)
         allowed = ops.logical_and(static[None], key_mask[:, None, :])
         return ops.logical_or(allowed, own[None])
 
@@ -422,25 +470,27 @@ class TransformerFAM(keras.layers.Layer):
     # === The fused block step (training, prefill) ===
 
     def _block_step(self, carry, inputs, training):
+        """[FAM ; block] rows over [memory ; FAM ; block] keys, then the
+        memory roll."""
         fam_length, size = self.fam_length, self.block_size
-        rows = ops.concatenate([carry["fam"], inputs["x"]], axis=1)
-        positions = ops.add(inputs["start"], self._row_offsets)
-        hidden = self.attention_norm(rows)
-        query = self.attention.project_query(hidden, positions)
-        key, value = self.attention.project_key_value(hidden, positions)
-        fam_mask = ops.ones_like(rows[:, :fam_length, 0], dtype="bool")
-        key_mask = ops.concatenate(
-            [carry["memory_mask"], fam_mask, inputs["mask"]], axis=1
-        )
-        mask = self._mask(np.arange(fam_length + size), key_mask)
-        rows = self._attend_and_feed(
-            rows,
-            query,
-            ops.concatenate([carry["memory_key"], key], axis=1),
-            ops.concatenate([carry["memory_value"], value], axis=1),
-            mask,
-            inputs.get("keep"),
-            training,
+        fam_mask = ops.ones_like(carry["fam"][:, :, 0], dtype="bool")
+
+        def keys(key, value):
+            return (
+                ops.concatenate([carry["memory_key"], key], axis=1),
+                ops.concatenate([carry["memory_value"], value], axis=1),
+                ops.concatenate(
+                    [carry["memory_mask"], fam_mask, inputs["mask"]], axis=1
+                ),
+            )
+
+        rows, (key, value) = self.step(
+            ops.concatenate([carry["fam"], inputs["x"]], axis=1),
+            ops.add(inputs["start"], self._row_offsets),
+            keys,
+            np.arange(fam_length + size),
+            keep=inputs.get("keep"),
+            training=training,
         )
         carry = {
             "fam": self._carried_fam(rows[:, :fam_length]),
@@ -522,7 +572,7 @@ class TransformerFAM(keras.layers.Layer):
         (2) a loop over blocks runs the FAM rows of the fused step (FAM
         queries over [previous FAM ; block]; feedforward), emitting the
         keys/values of the FAM each block receives; (3) the token rows of
-        all blocks attend, as one batched call of `_attend_and_feed`, to
+        all blocks attend, as one batched call of `step`, to
         [previous M blocks ; incoming FAM ; own block], with the same rows
         of the static mask as the fused step.
         """
@@ -549,28 +599,25 @@ class TransformerFAM(keras.layers.Layer):
         if fam_length:
 
             def fam_step(fam, inputs):
-                fam_positions = self._fam_positions(inputs["start"], 0)
-                fam_hidden = self.attention_norm(fam)
-                fam_query = self.attention.project_query(
-                    fam_hidden, fam_positions
-                )
-                fam_key, fam_value = self.attention.project_key_value(
-                    fam_hidden, fam_positions
-                )
-                key_mask = ops.concatenate(
-                    [ops.ones_like(fam[:, :, 0], dtype="bool"), inputs["mask"]],
-                    axis=1,
-                )
-                fam = self._attend_and_feed(
+                fam_mask = ops.ones_like(fam[:, :, 0], dtype="bool")
+
+                def keys(fam_key, fam_value):
+                    return (
+                        ops.concatenate([fam_key, inputs["key"]], axis=1),
+                        ops.concatenate([fam_value, inputs["value"]], axis=1),
+                        ops.concatenate([fam_mask, inputs["mask"]], axis=1),
+                    )
+
+                fam, fam_key_value = self.step(
                     fam,
-                    fam_query,
-                    ops.concatenate([fam_key, inputs["key"]], axis=1),
-                    ops.concatenate([fam_value, inputs["value"]], axis=1),
-                    self._mask(np.arange(fam_length), key_mask, memory),
-                    inputs.get("keep"),
-                    training,
+                    self._fam_positions(inputs["start"], 0),
+                    keys,
+                    np.arange(fam_length),
+                    columns=slice(memory, None),
+                    keep=inputs.get("keep"),
+                    training=training,
                 )
-                return self._carried_fam(fam), (fam_key, fam_value)
+                return self._carried_fam(fam), fam_key_value
 
             xs = {
                 "key": block_major(blocks(key)),
@@ -617,15 +664,26 @@ class TransformerFAM(keras.layers.Layer):
                 )
                 for k in keep
             )
-        rows = np.arange(fam_length, fam_length + size)
-        outputs = self._attend_and_feed(
+
+        def token_keys(key, value):
+            return (
+                window(all_key, fam_keys),
+                window(all_value, fam_values),
+                window(all_mask, fam_mask),
+            )
+
+        outputs, _ = self.step(
             ops.reshape(x, (-1, size, width)),
-            ops.reshape(query, (-1, size, *query.shape[2:])),
-            window(all_key, fam_keys),
-            window(all_value, fam_values),
-            self._mask(rows, window(all_mask, fam_mask)),
-            token_keep,
-            training,
+            None,
+            token_keys,
+            np.arange(fam_length, fam_length + size),
+            projected=(
+                ops.reshape(query, (-1, size, *query.shape[2:])),
+                None,
+                None,
+            ),
+            keep=token_keep,
+            training=training,
         )
         outputs = ops.reshape(outputs, (-1, num_blocks * size, width))
         index = state["index"] + num_blocks * size
@@ -667,30 +725,26 @@ class TransformerFAM(keras.layers.Layer):
             ops.cast(state["index"] + state["position_offset"], "float32"),
             np.arange(length, dtype="float32"),
         )
-        hidden = self.attention_norm(x)
-        query = self.attention.project_query(hidden, positions)
-        key, value = self.attention.project_key_value(hidden, positions)
-        state = {
-            **state,
-            "block_key": _write_at(state["block_key"], offset, key),
-            "block_value": _write_at(state["block_value"], offset, value),
-            "block_mask": _write_at(state["block_mask"], offset, mask),
-            "index": state["index"] + advance,
-        }
-        keys, values, key_mask = self._streaming_keys(state)
+        written = {}
+
+        def keys(key, value):
+            written.update(
+                state,
+                block_key=_write_at(state["block_key"], offset, key),
+                block_value=_write_at(state["block_value"], offset, value),
+                block_mask=_write_at(state["block_mask"], offset, mask),
+                index=state["index"] + advance,
+            )
+            written["keys"] = self._streaming_keys(written)
+            return written["keys"]
+
         if isinstance(offset, int):
             rows = np.arange(fam_length + offset, fam_length + offset + length)
         else:
             rows = ops.arange(length, dtype="int32") + (fam_length + offset)
-        outputs = self._attend_and_feed(
-            x,
-            query,
-            keys,
-            values,
-            self._mask(rows, key_mask),
-            None,
-            training,
-        )
+        outputs, _ = self.step(x, positions, keys, rows, training=training)
+        keys, values, key_mask = written.pop("keys")
+        state = written
         completes = offset + length == self.block_size
         if count is not None:
             return outputs, state
@@ -706,6 +760,8 @@ class TransformerFAM(keras.layers.Layer):
         return outputs, state
 
     def _streaming_keys(self, state):
+        """The keys a streamed step attends to, [memory ; FAM ; block], and
+        their validity `(B, K)`."""
         keys = ops.concatenate(
             [state["memory_key"], state["fam_key"], state["block_key"]], axis=1
         )
@@ -725,18 +781,13 @@ class TransformerFAM(keras.layers.Layer):
         fam = state["fam"]
         block_start = state["index"] - self.block_size
         if self.fam_length:
-            positions = self._fam_positions(
-                block_start, state["position_offset"]
+            fam, _ = self.step(
+                fam,
+                self._fam_positions(block_start, state["position_offset"]),
+                lambda key, value: (keys, values, key_mask),
+                np.arange(self.fam_length),
             )
-            query = self.attention.project_query(
-                self.attention_norm(fam), positions
-            )
-            mask = self._mask(np.arange(self.fam_length), key_mask)
-            fam = self._carried_fam(
-                self._attend_and_feed(
-                    fam, query, keys, values, mask, None, False
-                )
-            )
+            fam = self._carried_fam(fam)
         fam_key, fam_value = self._fam_key_value(
             fam, state["index"], state["position_offset"]
         )
@@ -879,15 +930,17 @@ class TransformerFAM(keras.layers.Layer):
         Returns:
             `(batch, fam_length, width)`.
         """
-        positions = self._fam_positions(0, 0)
-        hidden = self.attention_norm(fam)
-        query = self.attention.project_query(hidden, positions)
-        key, value = self.attention.project_key_value(hidden, positions)
-        key_mask = ops.ones_like(fam[:, :, 0], dtype="bool")
-        mask = ops.logical_or(key_mask[:, None, :], key_mask[:, :, None])
-        return self._attend_and_feed(
-            fam, query, key, value, mask, None, training
+        memory = self.memory_segments * self.block_size
+        fam_mask = ops.ones_like(fam[:, :, 0], dtype="bool")
+        fam, _ = self.step(
+            fam,
+            self._fam_positions(0, 0),
+            lambda key, value: (key, value, fam_mask),
+            np.arange(self.fam_length),
+            columns=slice(memory, memory + self.fam_length),
+            training=training,
         )
+        return fam
 
     def _padding_mask(self, inputs, padding_mask):
         if padding_mask is None:
@@ -910,7 +963,7 @@ class TransformerFAM(keras.layers.Layer):
             and `batch_size`.
         """
         dtype = self.compute_dtype
-        shapes = self._state_shapes(batch_size)
+        shapes = self.state_shapes(batch_size)
         state = {
             name: ops.zeros(shape, dtype=dtype)
             for name, (shape, dtype) in shapes.items()
@@ -935,7 +988,9 @@ class TransformerFAM(keras.layers.Layer):
             )
         return state
 
-    def _state_shapes(self, batch_size):
+    def state_shapes(self, batch_size):
+        """`{name: (shape, dtype)}` of a streaming state (`STATE_KEYS`);
+        nothing depends on the position."""
         dtype = self.compute_dtype
         groups = self.attention.num_key_value_heads
         head_dim = self.attention.head_dim
@@ -975,7 +1030,7 @@ class TransformerFAM(keras.layers.Layer):
                     f"`state` too. Received: state_index={state_index!r}, "
                     "state=None"
                 )
-            _check_int("state_index", state_index, minimum=0)
+            check_int("state_index", state_index, minimum=0)
             state = {**state, "index": state_index}
         if padding_mask is None:
             padding_mask = mask
@@ -1014,7 +1069,7 @@ class TransformerFAM(keras.layers.Layer):
             )
         if padding_mask is not None:
             mask_shape = tuple(padding_mask.shape)
-            if not _shapes_match(mask_shape, shape[:2]):
+            if not shapes_match(mask_shape, shape[:2]):
                 raise ValueError(
                     "`padding_mask` must have shape (batch, sequence) = "
                     f"{shape[:2]}. Received: padding_mask.shape={mask_shape}"
@@ -1026,15 +1081,17 @@ class TransformerFAM(keras.layers.Layer):
                     "`state` (continue a sequence), not both."
                 )
             expected = (shape[0], self.fam_length, self.hidden_dim)
-            if not _shapes_match(tuple(fam.shape), expected):
+            if not shapes_match(tuple(fam.shape), expected):
                 raise ValueError(
                     f"`fam` must have shape {expected}. "
                     f"Received: fam.shape={tuple(fam.shape)}"
                 )
         if state is not None:
-            self._check_state(state, shape[0])
+            self.check_state(state, shape[0])
 
-    def _check_state(self, state, batch_size):
+    def check_state(self, state, batch_size):
+        """Raises a `ValueError` unless `state` is a streaming state of this
+        layer for `batch_size` rows (`None` matches any)."""
         if not isinstance(state, dict) or set(state) != set(STATE_KEYS):
             keys = sorted(state) if isinstance(state, dict) else type(state)
             raise ValueError(
@@ -1042,9 +1099,9 @@ class TransformerFAM(keras.layers.Layer):
                 "returned by `get_initial_state()` or `return_state=True`. "
                 f"Received: state with keys {keys}"
             )
-        for name, (expected, _) in self._state_shapes(batch_size).items():
+        for name, (expected, _) in self.state_shapes(batch_size).items():
             received = tuple(state[name].shape)
-            if not _shapes_match(received, expected):
+            if not shapes_match(received, expected):
                 raise ValueError(
                     "`state` comes from a differently configured layer "
                     f"(block_size={self.block_size}, memory_segments="
@@ -1069,7 +1126,7 @@ class TransformerFAM(keras.layers.Layer):
         state_index=None,
     ):
         outputs = keras.KerasTensor(inputs.shape, dtype=self.compute_dtype)
-        shapes = self._state_shapes(inputs.shape[0])
+        shapes = self.state_shapes(inputs.shape[0])
         extras = []
         if return_fam:
             extras.append(keras.KerasTensor(*shapes["fam"]))
@@ -1137,17 +1194,20 @@ def _write_at(buffer, offset, update):
     return ops.slice_update(buffer, start, update)
 
 
-def _check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        allowed = "a positive integer" if minimum else "a non-negative integer"
-        raise ValueError(
-            f"`{name}` must be {allowed}. Received: {name}={value!r}"
-        )
-
-
-def _shapes_match(received, expected):
-    """Equal shapes where `None` (an unknown batch size) matches anything."""
-    return len(received) == len(expected) and all(
-        r is None or e is None or r == e
-        for r, e in zip(received, expected, strict=True)
+# The `TransformerFAM` arguments a `keras_fam.models.FAMBackbone` passes to
+# every layer unchanged and serialises with its own config (the backbone
+# decides `use_rope`, `learned_initial_fam` and the initializer itself). A
+# new layer argument is a backbone option as soon as it is in the layer's
+# signature and `get_config`.
+LAYER_OPTIONS = tuple(
+    name
+    for name in inspect.signature(TransformerFAM.__init__).parameters
+    if name
+    not in (
+        "self",
+        "kwargs",
+        "use_rope",
+        "learned_initial_fam",
+        "kernel_initializer",
     )
+)

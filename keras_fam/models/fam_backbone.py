@@ -14,8 +14,12 @@ from keras import ops
 from keras_hub.layers import PositionEmbedding, ReversibleEmbedding
 from keras_hub.models import Backbone
 
-from keras_fam.layers.rms_normalization import RMSNormalization
-from keras_fam.layers.transformer_fam import NORMALIZATIONS, TransformerFAM
+from keras_fam.checks import check_choice, check_int
+from keras_fam.layers.rms_normalization import (
+    NORMALIZATIONS,
+    normalization_layer,
+)
+from keras_fam.layers.transformer_fam import LAYER_OPTIONS, TransformerFAM
 from keras_fam.training import (
     RandomPositionOffset,
     RandomStatePassing,
@@ -229,19 +233,13 @@ class FAMBackbone(Backbone):
             ("hidden_dim", hidden_dim),
             ("intermediate_dim", intermediate_dim),
         ):
-            _check_positive_int(name, value)
-        if position_embedding not in POSITION_EMBEDDINGS:
-            raise ValueError(
-                f"`position_embedding` must be one of {POSITION_EMBEDDINGS}. "
-                f"Received: position_embedding={position_embedding!r}"
-            )
-        if normalization not in NORMALIZATIONS:
-            raise ValueError(
-                f"`normalization` must be one of {NORMALIZATIONS}. "
-                f"Received: normalization={normalization!r}"
-            )
+            check_int(name, value)
+        check_choice(
+            "position_embedding", position_embedding, POSITION_EMBEDDINGS
+        )
+        check_choice("normalization", normalization, NORMALIZATIONS)
         if position_embedding == "learned":
-            _check_positive_int("max_sequence_length", max_sequence_length)
+            check_int("max_sequence_length", max_sequence_length)
             if position_offset_probability:
                 raise ValueError(
                     "Random Position Offset shifts RoPE positions and needs "
@@ -250,7 +248,7 @@ class FAMBackbone(Backbone):
                     ' with position_embedding="learned"'
                 )
         elif max_sequence_length is not None:
-            _check_positive_int("max_sequence_length", max_sequence_length)
+            check_int("max_sequence_length", max_sequence_length)
         if training_streams is not None:
             if not fam_length:
                 raise ValueError(
@@ -272,6 +270,37 @@ class FAMBackbone(Backbone):
         scaling_factors = _per_layer(
             "rope_scaling_factor", rope_scaling_factor, num_layers
         )
+        # The layers' options, passed to every layer and serialised as one
+        # unit. Any other `TransformerFAM` argument given to the backbone
+        # (see `LAYER_OPTIONS`) joins them.
+        layer_options = dict(
+            num_heads=num_heads,
+            intermediate_dim=intermediate_dim,
+            block_size=block_size,
+            memory_segments=memory_segments,
+            fam_length=fam_length,
+            num_key_value_heads=num_key_value_heads,
+            head_dim=head_dim,
+            feedforward=feedforward,
+            activation=activation,
+            normalization=normalization,
+            layer_norm_epsilon=layer_norm_epsilon,
+            sandwich_norm=sandwich_norm,
+            use_bias=use_bias,
+            qkv_bias=qkv_bias,
+            query_key_norm=query_key_norm,
+            rope_max_wavelength=rope_max_wavelength,
+            rope_scaling_factor=rope_scaling_factor,
+            rope_frequency_scaling=rope_frequency_scaling,
+            query_scale=query_scale,
+            logit_soft_cap=logit_soft_cap,
+            dropout=dropout,
+            fam_normalization=fam_normalization,
+        )
+        for name in list(kwargs):
+            if name in LAYER_OPTIONS:
+                layer_options[name] = kwargs.pop(name)
+        self.layer_options = layer_options
         # === Layers ===
         policy = keras.dtype_policies.get(dtype or keras.config.dtype_policy())
         self.token_embedding = ReversibleEmbedding(
@@ -297,47 +326,21 @@ class FAMBackbone(Backbone):
         for index in range(num_layers):
             self.transformer_layers.append(
                 TransformerFAM(
-                    num_heads=num_heads,
-                    block_size=block_size,
-                    memory_segments=memory_segments,
-                    fam_length=fam_length,
-                    num_key_value_heads=num_key_value_heads,
-                    head_dim=head_dim,
-                    intermediate_dim=intermediate_dim,
-                    feedforward=feedforward,
-                    activation=activation,
-                    normalization=normalization,
-                    layer_norm_epsilon=layer_norm_epsilon,
-                    sandwich_norm=sandwich_norm,
-                    use_bias=use_bias,
-                    qkv_bias=qkv_bias,
-                    query_key_norm=query_key_norm,
+                    **{
+                        **layer_options,
+                        # Per-layer values (a list in the config).
+                        "rope_max_wavelength": wavelengths[index],
+                        "rope_scaling_factor": scaling_factors[index],
+                    },
                     use_rope=position_embedding == "rope",
-                    rope_max_wavelength=wavelengths[index],
-                    rope_scaling_factor=scaling_factors[index],
-                    rope_frequency_scaling=rope_frequency_scaling,
-                    query_scale=query_scale,
-                    logit_soft_cap=logit_soft_cap,
-                    dropout=dropout,
-                    fam_normalization=fam_normalization,
                     learned_initial_fam=False,
                     dtype=policy,
                     name=f"transformer_layer_{index}",
                 )
             )
-        if normalization == "layer_norm":
-            self.layer_norm = keras.layers.LayerNormalization(
-                epsilon=layer_norm_epsilon,
-                dtype=policy,
-                name="layer_norm",
-            )
-        else:
-            self.layer_norm = RMSNormalization(
-                epsilon=layer_norm_epsilon,
-                unit_offset=normalization == "rms_norm_unit_offset",
-                dtype=policy,
-                name="layer_norm",
-            )
+        self.layer_norm = normalization_layer(
+            normalization, layer_norm_epsilon, dtype=policy, name="layer_norm"
+        )
         self.state_passing = RandomStatePassing(
             num_layers=num_layers,
             fam_length=fam_length,
@@ -423,37 +426,19 @@ class FAMBackbone(Backbone):
         # === Config ===
         self.vocabulary_size = vocabulary_size
         self.num_layers = num_layers
-        self.num_heads = num_heads
         self.hidden_dim = hidden_dim
-        self.intermediate_dim = intermediate_dim
-        self.block_size = block_size
-        self.memory_segments = memory_segments
-        self.fam_length = fam_length
+        # Every layer option is also readable as an attribute
+        # (`backbone.block_size` ...).
+        for name, value in layer_options.items():
+            setattr(self, name, value)
         attention = self.transformer_layers[0].attention
         self.num_key_value_heads = attention.num_key_value_heads
         self.head_dim = attention.head_dim
-        self._head_dim_arg = head_dim
-        self._num_key_value_heads_arg = num_key_value_heads
-        self.feedforward = feedforward
-        self.activation = activation
-        self.normalization = normalization
-        self.layer_norm_epsilon = layer_norm_epsilon
-        self.sandwich_norm = sandwich_norm
-        self.use_bias = use_bias
-        self.qkv_bias = qkv_bias
-        self.query_key_norm = query_key_norm
         self.position_embedding_type = position_embedding
         self.max_sequence_length = max_sequence_length
-        self.rope_max_wavelength = rope_max_wavelength
-        self.rope_scaling_factor = rope_scaling_factor
-        self.rope_frequency_scaling = rope_frequency_scaling
-        self.query_scale = query_scale
-        self.logit_soft_cap = logit_soft_cap
         self.final_logit_soft_cap = final_logit_soft_cap
         self.embedding_scale = embedding_scale
         self.tie_word_embeddings = tie_word_embeddings
-        self.dropout = dropout
-        self.fam_normalization = fam_normalization
         self.state_passing_probability = state_passing_probability
         self.position_offset_probability = position_offset_probability
         self.max_position_offset = max_position_offset
@@ -527,7 +512,7 @@ class FAMBackbone(Backbone):
     # === Forward pass (training, scoring) ===
 
     def call(self, inputs, training=None):
-        token_ids, padding_mask = self._check_inputs(inputs)
+        token_ids, padding_mask = self.check_inputs(inputs)
         batch_size = ops.shape(token_ids)[0]
         x = self.embed(token_ids, training=training)
         fams = self.initial_fams(batch_size, training=training)
@@ -613,7 +598,7 @@ class FAMBackbone(Backbone):
             `(hidden_states, state)`: final-normed `(B, C, D)` and the new
             state (same shapes as the old one).
         """
-        token_ids, padding_mask = self._check_inputs(
+        token_ids, padding_mask = self.check_inputs(
             {"token_ids": token_ids, "padding_mask": padding_mask}
         )
         self.check_state(state, ops.shape(token_ids)[0])
@@ -758,7 +743,7 @@ class FAMBackbone(Backbone):
         for layer, layer_state in zip(
             self.transformer_layers, state, strict=True
         ):
-            layer._check_state(layer_state, batch_size)
+            layer.check_state(layer_state, batch_size)
             if (
                 self.fam_length
                 and tuple(layer_state["fam"].shape)[-1] != self.hidden_dim
@@ -771,7 +756,11 @@ class FAMBackbone(Backbone):
 
     # === Input checks ===
 
-    def _check_inputs(self, inputs):
+    def check_inputs(self, inputs):
+        """Checks a `{"token_ids", "padding_mask"}` dict (raising a
+        `ValueError`/`TypeError` naming the bad argument) and returns
+        `(token_ids, padding_mask)`, the mask as bool (all `True` when not
+        given)."""
         if not isinstance(inputs, dict) or "token_ids" not in inputs:
             received = (
                 sorted(inputs) if isinstance(inputs, dict) else type(inputs)
@@ -948,7 +937,7 @@ class FAMBackbone(Backbone):
                 `default_lora_layer_names()`. Defaults to all of them.
             target_names: alias of `target_layer_names`.
         """
-        _check_positive_int("rank", rank)
+        check_int("rank", rank)
         if target_names is not None:
             if target_layer_names is not None:
                 raise ValueError(
@@ -995,38 +984,18 @@ class FAMBackbone(Backbone):
     # === Config ===
 
     def get_config(self):
+        options = dict(self.layer_options)
         return {
             **super().get_config(),
             "vocabulary_size": self.vocabulary_size,
             "num_layers": self.num_layers,
-            "num_heads": self.num_heads,
             "hidden_dim": self.hidden_dim,
-            "intermediate_dim": self.intermediate_dim,
-            "block_size": self.block_size,
-            "memory_segments": self.memory_segments,
-            "fam_length": self.fam_length,
-            "num_key_value_heads": self._num_key_value_heads_arg,
-            "head_dim": self._head_dim_arg,
-            "feedforward": self.feedforward,
-            "activation": self.activation,
-            "normalization": self.normalization,
-            "layer_norm_epsilon": self.layer_norm_epsilon,
-            "sandwich_norm": self.sandwich_norm,
-            "use_bias": self.use_bias,
-            "qkv_bias": self.qkv_bias,
-            "query_key_norm": self.query_key_norm,
+            **options,
             "position_embedding": self.position_embedding_type,
             "max_sequence_length": self.max_sequence_length,
-            "rope_max_wavelength": self.rope_max_wavelength,
-            "rope_scaling_factor": self.rope_scaling_factor,
-            "rope_frequency_scaling": self.rope_frequency_scaling,
-            "query_scale": self.query_scale,
-            "logit_soft_cap": self.logit_soft_cap,
             "final_logit_soft_cap": self.final_logit_soft_cap,
             "embedding_scale": self.embedding_scale,
             "tie_word_embeddings": self.tie_word_embeddings,
-            "dropout": self.dropout,
-            "fam_normalization": self.fam_normalization,
             "state_passing_probability": self.state_passing_probability,
             "position_offset_probability": self.position_offset_probability,
             "max_position_offset": self.max_position_offset,
@@ -1066,10 +1035,3 @@ def _per_layer(name, value, num_layers):
             )
         return [float(v) for v in value]
     return [value] * num_layers
-
-
-def _check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(
-            f"`{name}` must be a positive integer. Received: {name}={value!r}"
-        )

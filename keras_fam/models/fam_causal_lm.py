@@ -401,7 +401,7 @@ class FAMCausalLM(CausalLM):
         mask = np.asarray(ops.convert_to_numpy(mask)).astype(bool)
         if mask.ndim == 1:
             mask = mask[None]
-        self.backbone._check_inputs(
+        self.backbone.check_inputs(
             {"token_ids": token_ids, "padding_mask": mask}
         )
         if max_length is not None:

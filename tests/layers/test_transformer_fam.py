@@ -482,6 +482,63 @@ def test_compiled_streaming_with_run_time_position(chunk):
     assert int(to_numpy(state["index"])) == length
 
 
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_run_time_position_write_path_on_every_backend(chunk):
+    # The write path of a run-time position (`ops.slice_update` at a tensor
+    # offset, the static mask's rows taken at run time, the FAM update under
+    # `ops.cond`) driven with tensor offsets, so that PyTorch, which runs
+    # eagerly and always knows the position inside `call`, runs it too.
+    layer = _layer()
+    size, length = 4, 12
+    x = _inputs(2, length, seed=5)
+    padding_mask = _padding_mask(2, length)
+    full, full_fam = layer(x, padding_mask=padding_mask, return_fam=True)
+    state = layer.get_initial_state(2)
+    outputs, start = [], 0
+    while start < length:
+        # Chunks end at block boundaries: the step's contract.
+        end = min(start + chunk, (start // size + 1) * size)
+        offset = ops.convert_to_tensor(start % size, "int32")
+        y, state = layer._chunk_step(
+            ops.convert_to_tensor(x[:, start:end]),
+            ops.convert_to_tensor(padding_mask[:, start:end]),
+            state,
+            offset,
+            False,
+        )
+        assert int(to_numpy(state["index"])) == end
+        outputs.append(to_numpy(y))
+        start = end
+    np.testing.assert_allclose(
+        np.concatenate(outputs, axis=1), to_numpy(full), atol=1e-5, rtol=0
+    )
+    np.testing.assert_allclose(
+        to_numpy(state["fam"]), to_numpy(full_fam), atol=1e-5, rtol=0
+    )
+
+
+@pytest.mark.parametrize("length", [0, 1, 3])
+def test_run_partial_block_equals_streaming(length):
+    # A block's first `length` tokens in one call (a run-time length), then
+    # the rest streamed: the same numbers as the full call.
+    layer = _layer()
+    x = _inputs(2, 12, seed=7)
+    full = to_numpy(layer(x))
+    state = layer.get_initial_state(2)
+    first, state = layer.run_blocks(ops.convert_to_tensor(x[:, :4]), state)
+    head, state = layer.run_partial_block(
+        ops.convert_to_tensor(x[:, 4:8]),
+        state,
+        ops.convert_to_tensor(length, "int32"),
+    )
+    assert int(to_numpy(state["index"])) == 4 + length
+    rest = layer(x[:, 4 + length :], state=state)
+    outputs = np.concatenate(
+        [to_numpy(first), to_numpy(head)[:, :length], to_numpy(rest)], axis=1
+    )
+    np.testing.assert_allclose(outputs, full, atol=1e-5, rtol=0)
+
+
 def test_state_index_keeps_the_fused_block_path_when_traced():
     # `state_index` (a Python int) stays known while the layer is traced, so
     # a block-aligned chunk runs through the fused block step (not token by

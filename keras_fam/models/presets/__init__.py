@@ -37,7 +37,7 @@ architecture) cannot be overridden.
 import keras
 from keras import ops
 
-from keras_fam.layers.transformer_fam import _check_int
+from keras_fam.checks import check_int
 from keras_fam.models.presets import (
     gemma,
     gemma3,
@@ -96,7 +96,7 @@ def _check_overrides(overrides):
     for name in FAM_ARGUMENTS:
         if overrides.get(name) is not None:
             minimum = 1 if name == "block_size" else 0
-            _check_int(name, overrides[name], minimum=minimum)
+            check_int(name, overrides[name], minimum=minimum)
 
 
 def _check_dtype(dtype):
