@@ -26,7 +26,8 @@ compared configurations then run in turn `--repeats` rounds, the order
 rotating by one each round (so a change in machine load hits all alike and
 no configuration always follows the same one), each timing repeating its
 step for at least half a second, and the median of each is reported. A
-configuration whose attention would not fit in memory is reported as `OOM` with the memory
+configuration whose attention would not fit in memory is reported as `OOM`
+with the memory
 it asked for, instead of being run.
 
 Shape letters: B batch, T sequence, D width, N heads.
