@@ -27,8 +27,7 @@ rotating by one each round (so a change in machine load hits all alike and
 no configuration always follows the same one), each timing repeating its
 step for at least half a second, and the median of each is reported. A
 configuration whose attention would not fit in memory is reported as `OOM`
-with the memory
-it asked for, instead of being run.
+with the memory it asked for, instead of being run.
 
 Shape letters: B batch, T sequence, D width, N heads.
 """
