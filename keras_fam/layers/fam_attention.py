@@ -16,10 +16,13 @@ import keras
 from keras import ops
 
 from keras_fam.checks import check_bool, check_int
-from keras_fam.layers.rms_normalization import RMSNormalization
+from keras_fam.layers.rms_normalization import (
+    NORMALIZATIONS,
+    normalization_layer,
+)
 from keras_fam.ops import dispatch
 
-QUERY_KEY_NORMS = ("rms_norm", "rms_norm_unit_offset", "layer_norm")
+QUERY_KEY_NORMS = NORMALIZATIONS
 FREQUENCY_SCALING_KEYS = (
     "factor",
     "low_freq_factor",
@@ -299,15 +302,9 @@ class FAMAttention(keras.layers.Layer):
             self.key_norm.build((None, None, groups, size))
 
     def _head_norm(self, name):
-        if self.query_key_norm == "layer_norm":
-            return keras.layers.LayerNormalization(
-                epsilon=self.query_key_norm_epsilon,
-                dtype=self.dtype_policy,
-                name=name,
-            )
-        return RMSNormalization(
-            epsilon=self.query_key_norm_epsilon,
-            unit_offset=self.query_key_norm == "rms_norm_unit_offset",
+        return normalization_layer(
+            self.query_key_norm,
+            self.query_key_norm_epsilon,
             dtype=self.dtype_policy,
             name=name,
         )

@@ -244,7 +244,7 @@ class FAMCausalLM(CausalLM):
                 "`chunk_size` must be a positive integer. "
                 f"Received: chunk_size={chunk_size!r}"
             )
-        token_ids, padding_mask = self.backbone._check_inputs(
+        token_ids, padding_mask = self.backbone.check_inputs(
             {"token_ids": token_ids, "padding_mask": padding_mask}
         )
         length = token_ids.shape[1]
