@@ -26,8 +26,8 @@ positions and key layout:
 
 Public entry points for models: `call` (full sequence or streaming with a
 `state`), `run_blocks`, `run_partial_block`, `summary_step`,
-`get_initial_state`. The streaming state is a dict of `STATE_KEYS` with
-shapes from `state_shapes`; its checks are `check_state`.
+`get_initial_state`. The streaming state (its keys, shapes, checks, memory
+roll and block writes) is described by `keras_fam.layers.layer_state`.
 
 Shape letters: B batch, T sequence, D width, S block size, M memory segments,
 F FAM length, G key/value heads, H head dim.
@@ -51,6 +51,7 @@ from keras_fam.checks import (
 )
 from keras_fam.layers.fam_attention import FAMAttention
 from keras_fam.layers.feedforward import FeedForward
+from keras_fam.layers.layer_state import LayerState
 from keras_fam.layers.rms_normalization import (
     NORMALIZATIONS,
     normalization_layer,
@@ -58,20 +59,6 @@ from keras_fam.layers.rms_normalization import (
 )
 from keras_fam.ops import dispatch
 from keras_fam.ops.masks import block_self_mask, block_step_mask
-
-STATE_KEYS = (
-    "fam",
-    "fam_key",
-    "fam_value",
-    "memory_key",
-    "memory_value",
-    "memory_mask",
-    "block_key",
-    "block_value",
-    "block_mask",
-    "index",
-    "position_offset",
-)
 
 
 @keras.saving.register_keras_serializable(package="keras_fam")
@@ -461,18 +448,13 @@ class TransformerFAM(keras.layers.Layer):
         hidden = self.attention_norm(fam)
         return self.attention.project_key_value(hidden, positions)
 
-    def _roll(self, memory, block):
-        """Drop the oldest block of `memory` and append `block`."""
-        if not self.memory_segments:
-            return memory
-        return ops.concatenate([memory[:, self.block_size :], block], axis=1)
-
     # === The fused block step (training, prefill) ===
 
     def _block_step(self, carry, inputs, training):
         """[FAM ; block] rows over [memory ; FAM ; block] keys, then the
         memory roll."""
         fam_length, size = self.fam_length, self.block_size
+        roll = self.state_spec.roll
         fam_mask = ops.ones_like(carry["fam"][:, :, 0], dtype="bool")
 
         def keys(key, value):
@@ -494,11 +476,9 @@ class TransformerFAM(keras.layers.Layer):
         )
         carry = {
             "fam": self._carried_fam(rows[:, :fam_length]),
-            "memory_key": self._roll(carry["memory_key"], key[:, fam_length:]),
-            "memory_value": self._roll(
-                carry["memory_value"], value[:, fam_length:]
-            ),
-            "memory_mask": self._roll(carry["memory_mask"], inputs["mask"]),
+            "memory_key": roll(carry["memory_key"], key[:, fam_length:]),
+            "memory_value": roll(carry["memory_value"], value[:, fam_length:]),
+            "memory_mask": roll(carry["memory_mask"], inputs["mask"]),
         }
         return carry, rows[:, fam_length:]
 
@@ -729,13 +709,9 @@ class TransformerFAM(keras.layers.Layer):
 
         def keys(key, value):
             written.update(
-                state,
-                block_key=_write_at(state["block_key"], offset, key),
-                block_value=_write_at(state["block_value"], offset, value),
-                block_mask=_write_at(state["block_mask"], offset, mask),
-                index=state["index"] + advance,
+                self.state_spec.write(state, offset, key, value, mask, advance)
             )
-            written["keys"] = self._streaming_keys(written)
+            written["keys"] = self.state_spec.keys(written)
             return written["keys"]
 
         if isinstance(offset, int):
@@ -759,22 +735,6 @@ class TransformerFAM(keras.layers.Layer):
             )
         return outputs, state
 
-    def _streaming_keys(self, state):
-        """The keys a streamed step attends to, [memory ; FAM ; block], and
-        their validity `(B, K)`."""
-        keys = ops.concatenate(
-            [state["memory_key"], state["fam_key"], state["block_key"]], axis=1
-        )
-        values = ops.concatenate(
-            [state["memory_value"], state["fam_value"], state["block_value"]],
-            axis=1,
-        )
-        fam_mask = ops.ones_like(state["fam"][:, :, 0], dtype="bool")
-        key_mask = ops.concatenate(
-            [state["memory_mask"], fam_mask, state["block_mask"]], axis=1
-        )
-        return keys, values, key_mask
-
     def _close_block(self, state, keys, values, key_mask):
         """The FAM update at the end of a streamed block, and the memory
         shift."""
@@ -791,22 +751,7 @@ class TransformerFAM(keras.layers.Layer):
         fam_key, fam_value = self._fam_key_value(
             fam, state["index"], state["position_offset"]
         )
-        return {
-            **state,
-            "fam": fam,
-            "fam_key": fam_key,
-            "fam_value": fam_value,
-            "memory_key": self._roll(state["memory_key"], state["block_key"]),
-            "memory_value": self._roll(
-                state["memory_value"], state["block_value"]
-            ),
-            "memory_mask": self._roll(
-                state["memory_mask"], state["block_mask"]
-            ),
-            "block_key": ops.zeros_like(state["block_key"]),
-            "block_value": ops.zeros_like(state["block_value"]),
-            "block_mask": ops.zeros_like(state["block_mask"]),
-        }
+        return self.state_spec.close_block(state, fam, fam_key, fam_value)
 
     def _stream(self, x, mask, state, training):
         """Any number of tokens from any state: whole blocks go through the
@@ -962,13 +907,8 @@ class TransformerFAM(keras.layers.Layer):
             A dict of tensors whose shapes depend only on the configuration
             and `batch_size`.
         """
-        dtype = self.compute_dtype
-        shapes = self.state_shapes(batch_size)
-        state = {
-            name: ops.zeros(shape, dtype=dtype)
-            for name, (shape, dtype) in shapes.items()
-            if name not in ("index", "position_offset")
-        }
+        spec = self.state_spec
+        state = spec.zeros(batch_size, position_offset)
         if fam is None and self.fam_length:
             if not self.learned_initial_fam:
                 raise ValueError(
@@ -976,39 +916,35 @@ class TransformerFAM(keras.layers.Layer):
                     "(`learned_initial_fam=False`): pass `fam` or `state`. "
                     "Received: fam=None"
                 )
-            initial = ops.cast(self.initial_fam, dtype)[None]
-            fam = ops.broadcast_to(initial, shapes["fam"][0])
+            fam = ops.broadcast_to(
+                self.initial_fam[None], spec.shapes(batch_size)["fam"][0]
+            )
         if fam is not None:
-            state["fam"] = ops.cast(fam, dtype)
-        state["index"] = ops.convert_to_tensor(0, "int32")
-        state["position_offset"] = ops.cast(position_offset, "int32")
+            state["fam"] = ops.cast(fam, spec.fam_dtype)
         if self.fam_length:
             state["fam_key"], state["fam_value"] = self._fam_key_value(
                 state["fam"], state["index"], state["position_offset"]
             )
         return state
 
+    @property
+    def state_spec(self):
+        """The `LayerState` of this layer (shapes, checks, updates of its
+        streaming state); available once the layer is built."""
+        return LayerState(
+            self.block_size,
+            self.memory_segments,
+            self.fam_length,
+            self.hidden_dim,
+            self.attention.num_key_value_heads,
+            self.attention.head_dim,
+            dtype=self.compute_dtype,
+        )
+
     def state_shapes(self, batch_size):
-        """`{name: (shape, dtype)}` of a streaming state (`STATE_KEYS`);
-        nothing depends on the position."""
-        dtype = self.compute_dtype
-        groups = self.attention.num_key_value_heads
-        head_dim = self.attention.head_dim
-        memory = self.memory_segments * self.block_size
-        size, fam = self.block_size, self.fam_length
-        return {
-            "fam": ((batch_size, fam, self.hidden_dim), dtype),
-            "fam_key": ((batch_size, fam, groups, head_dim), dtype),
-            "fam_value": ((batch_size, fam, groups, head_dim), dtype),
-            "memory_key": ((batch_size, memory, groups, head_dim), dtype),
-            "memory_value": ((batch_size, memory, groups, head_dim), dtype),
-            "memory_mask": ((batch_size, memory), "bool"),
-            "block_key": ((batch_size, size, groups, head_dim), dtype),
-            "block_value": ((batch_size, size, groups, head_dim), dtype),
-            "block_mask": ((batch_size, size), "bool"),
-            "index": ((), "int32"),
-            "position_offset": ((), "int32"),
-        }
+        """`{name: (shape, dtype)}` of a streaming state; nothing depends on
+        the position (see `LayerState.shapes`)."""
+        return self.state_spec.shapes(batch_size)
 
     def call(
         self,
@@ -1092,23 +1028,7 @@ class TransformerFAM(keras.layers.Layer):
     def check_state(self, state, batch_size):
         """Raises a `ValueError` unless `state` is a streaming state of this
         layer for `batch_size` rows (`None` matches any)."""
-        if not isinstance(state, dict) or set(state) != set(STATE_KEYS):
-            keys = sorted(state) if isinstance(state, dict) else type(state)
-            raise ValueError(
-                f"`state` must be a dict with keys {sorted(STATE_KEYS)} as "
-                "returned by `get_initial_state()` or `return_state=True`. "
-                f"Received: state with keys {keys}"
-            )
-        for name, (expected, _) in self.state_shapes(batch_size).items():
-            received = tuple(state[name].shape)
-            if not shapes_match(received, expected):
-                raise ValueError(
-                    "`state` comes from a differently configured layer "
-                    f"(block_size={self.block_size}, memory_segments="
-                    f"{self.memory_segments}, fam_length={self.fam_length}): "
-                    f"state['{name}'] should have shape {expected}. "
-                    f"Received: {received}"
-                )
+        self.state_spec.check(state, batch_size)
 
     def compute_output_shape(self, inputs_shape):
         return inputs_shape
@@ -1126,17 +1046,12 @@ class TransformerFAM(keras.layers.Layer):
         state_index=None,
     ):
         outputs = keras.KerasTensor(inputs.shape, dtype=self.compute_dtype)
-        shapes = self.state_shapes(inputs.shape[0])
+        specs = self.state_spec.specs(inputs.shape[0])
         extras = []
         if return_fam:
-            extras.append(keras.KerasTensor(*shapes["fam"]))
+            extras.append(specs["fam"])
         if return_state:
-            extras.append(
-                {
-                    name: keras.KerasTensor(shape, dtype=dtype)
-                    for name, (shape, dtype) in shapes.items()
-                }
-            )
+            extras.append(specs)
         return (outputs, *extras) if extras else outputs
 
     def compute_mask(self, inputs, mask=None):
@@ -1176,22 +1091,6 @@ class TransformerFAM(keras.layers.Layer):
             "parallel_blocks": self.parallel_blocks,
             "fam_normalization": self.fam_normalization,
         }
-
-
-def _write_at(buffer, offset, update):
-    """`buffer` with `update` written at `offset` along axis 1.
-
-    A static offset uses slicing and concatenation, which has gradients on
-    every backend (TensorFlow's `slice_update` has none outside XLA); a
-    run-time offset (compiled generation) uses `ops.slice_update`.
-    """
-    if isinstance(offset, int):
-        end = offset + update.shape[1]
-        return ops.concatenate(
-            [buffer[:, :offset], update, buffer[:, end:]], axis=1
-        )
-    start = (0, offset) + (0,) * (len(buffer.shape) - 2)
-    return ops.slice_update(buffer, start, update)
 
 
 # The `TransformerFAM` arguments a `keras_fam.models.FAMBackbone` passes to

@@ -744,15 +744,6 @@ class FAMBackbone(Backbone):
             self.transformer_layers, state, strict=True
         ):
             layer.check_state(layer_state, batch_size)
-            if (
-                self.fam_length
-                and tuple(layer_state["fam"].shape)[-1] != self.hidden_dim
-            ):
-                raise ValueError(
-                    "`state` comes from another model: its FAM width is "
-                    f"{tuple(layer_state['fam'].shape)[-1]}, this model's is "
-                    f"{self.hidden_dim}."
-                )
 
     # === Input checks ===
 
