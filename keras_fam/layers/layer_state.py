@@ -106,25 +106,40 @@ class LayerState:
 
     # === Shapes and fresh values ===
 
+    def dtypes(self):
+        """`{name: dtype}`: the FAM in `fam_dtype`, keys and values in
+        `dtype`, masks bool, positions int32."""
+        return {
+            name: "bool"
+            if name in MASK_KEYS
+            else "int32"
+            if name in INDEX_KEYS
+            else self.fam_dtype
+            if name == "fam"
+            else self.dtype
+            for name in KEYS
+        }
+
     def shapes(self, batch_size):
         """`{name: (shape, dtype)}`; nothing depends on the position."""
-        dtype, groups = self.dtype, self.num_key_value_heads
-        head_dim = self.head_dim
+        groups, head_dim = self.num_key_value_heads, self.head_dim
         memory = self.memory_segments * self.block_size
         size, fam = self.block_size, self.fam_length
-        return {
-            "fam": ((batch_size, fam, self.hidden_dim), self.fam_dtype),
-            "fam_key": ((batch_size, fam, groups, head_dim), dtype),
-            "fam_value": ((batch_size, fam, groups, head_dim), dtype),
-            "memory_key": ((batch_size, memory, groups, head_dim), dtype),
-            "memory_value": ((batch_size, memory, groups, head_dim), dtype),
-            "memory_mask": ((batch_size, memory), "bool"),
-            "block_key": ((batch_size, size, groups, head_dim), dtype),
-            "block_value": ((batch_size, size, groups, head_dim), dtype),
-            "block_mask": ((batch_size, size), "bool"),
-            "index": ((), "int32"),
-            "position_offset": ((), "int32"),
+        shapes = {
+            "fam": (batch_size, fam, self.hidden_dim),
+            "fam_key": (batch_size, fam, groups, head_dim),
+            "fam_value": (batch_size, fam, groups, head_dim),
+            "memory_key": (batch_size, memory, groups, head_dim),
+            "memory_value": (batch_size, memory, groups, head_dim),
+            "memory_mask": (batch_size, memory),
+            "block_key": (batch_size, size, groups, head_dim),
+            "block_value": (batch_size, size, groups, head_dim),
+            "block_mask": (batch_size, size),
+            "index": (),
+            "position_offset": (),
         }
+        dtypes = self.dtypes()
+        return {name: (shapes[name], dtypes[name]) for name in KEYS}
 
     def zeros(self, batch_size, position_offset=0):
         """A fresh state: zeros everywhere (the caller sets the FAM and its
@@ -167,6 +182,22 @@ class LayerState:
                     f"width {self.hidden_dim}): {name}['{key}'] should have "
                     f"shape {expected}. Received: {received}"
                 )
+
+    def cast(self, state):
+        """`state` with its FAM, keys, values and masks in this
+        configuration's dtypes (a state made under another dtype policy, or
+        from NumPy arrays); positions are left as they are."""
+        dtypes = self.dtypes()
+        return {
+            name: value
+            if name in INDEX_KEYS
+            or (
+                hasattr(value, "dtype")
+                and keras.backend.standardize_dtype(value.dtype) == dtypes[name]
+            )
+            else ops.cast(value, dtypes[name])
+            for name, value in state.items()
+        }
 
     # === Updates ===
 
@@ -220,6 +251,16 @@ class LayerState:
             [state["memory_mask"], fam_mask, state["block_mask"]], axis=1
         )
         return keys, values, key_mask
+
+    def detach(self, state):
+        """`state` with no gradient history (`ops.stop_gradient` on its
+        float tensors): what a stream carries outside training."""
+        return {
+            name: value
+            if name in MASK_KEYS or name in INDEX_KEYS
+            else ops.stop_gradient(value)
+            for name, value in state.items()
+        }
 
     # === NumPy (saving) ===
 

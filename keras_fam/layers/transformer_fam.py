@@ -160,7 +160,14 @@ class TransformerFAM(keras.layers.Layer):
             drifts out of the range it has seen; with it the FAM lives on a
             fixed sphere and what it holds can persist over any number of
             blocks (see `examples/passkey_retrieval.py`). Leave it off to
-            reuse pretrained checkpoints unchanged. Defaults to `False`.
+            reuse pretrained checkpoints unchanged. Over long streams
+            without it the FAM's magnitude grows about linearly with the
+            number of blocks (outputs stay finite, but the FAM leaves the
+            range seen in training); with it, it stays at unit RMS. In
+            either case the carried FAM and every residual add are float32
+            (float64 in a float64 layer) whatever the compute dtype, so
+            under bfloat16 the memory does not freeze. Defaults to
+            `False`.
         **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`...).
 
     Call arguments:
@@ -182,6 +189,10 @@ class TransformerFAM(keras.layers.Layer):
             the fused block step. Defaults to `None`.
         return_fam: bool. Also return the FAM after the last complete block.
         return_state: bool. Also return the state to continue the sequence.
+            Unless `training=True` it is detached from autograd
+            (`ops.stop_gradient`): a stream may be fed chunk by chunk
+            outside `torch.no_grad()` without keeping earlier chunks'
+            graphs; in training, gradients flow back through it.
         training: bool. Enables dropout.
 
     Returns:
@@ -265,6 +276,11 @@ class TransformerFAM(keras.layers.Layer):
         self.fam_normalization = fam_normalization
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.supports_masking = True
+        # Keras would cast every float argument to the compute dtype, the
+        # carried float32 FAM in `state`/`fam` too; `__call__` converts
+        # `inputs` to a tensor, `call` casts it and the state
+        # (`LayerState.cast`).
+        self._convert_input_args = False
         # Validates the attention arguments now, so errors come early.
         self.attention = FAMAttention(
             num_heads=num_heads,
@@ -389,8 +405,14 @@ class TransformerFAM(keras.layers.Layer):
 
         Returns:
             `(rows, (key, value))`: the rows after the layer, and their own
-            keys/values (what the caller stores in memory).
+            keys/values (what the caller stores in memory). The residual
+            stream of a step (its two adds) runs in the dtype of the carried
+            FAM, float32 whatever the compute dtype (`LayerState`), so
+            `rows` come back in it; token rows are cast back to the compute
+            dtype by the callers.
         """
+        residual = self.state_spec.fam_dtype
+        rows = ops.cast(rows, residual)
         if projected is None:
             hidden = self.attention_norm(rows)
             query = self.attention.project_query(hidden, positions)
@@ -402,11 +424,14 @@ class TransformerFAM(keras.layers.Layer):
         attended = self.attention.attend(query, all_keys, all_values, mask)
         if self.sandwich_norm:
             attended = self.post_attention_norm(attended)
-        rows = rows + self._drop(attended, keep, 0, training)
+        rows = rows + ops.cast(
+            self._drop(attended, keep, 0, training), residual
+        )
         fed = self.feedforward(self.feedforward_norm(rows))
         if self.sandwich_norm:
             fed = self.post_feedforward_norm(fed)
-        return rows + self._drop(fed, keep, 1, training), (key, value)
+        rows = rows + ops.cast(self._drop(fed, keep, 1, training), residual)
+        return rows, (key, value)
 
     def _carried_fam(self, fam):
         """The updated FAM as carried to the next block: unit RMS per vector
@@ -466,8 +491,9 @@ class TransformerFAM(keras.layers.Layer):
                 ),
             )
 
+        fam = carry["fam"]
         rows, (key, value) = self.step(
-            ops.concatenate([carry["fam"], inputs["x"]], axis=1),
+            ops.concatenate([fam, ops.cast(inputs["x"], fam.dtype)], axis=1),
             ops.add(inputs["start"], self._row_offsets),
             keys,
             np.arange(fam_length + size),
@@ -480,7 +506,7 @@ class TransformerFAM(keras.layers.Layer):
             "memory_value": roll(carry["memory_value"], value[:, fam_length:]),
             "memory_mask": roll(carry["memory_mask"], inputs["mask"]),
         }
-        return carry, rows[:, fam_length:]
+        return carry, ops.cast(rows[:, fam_length:], self.compute_dtype)
 
     def _run_blocks(self, x, mask, state, training):
         """Whole blocks through the fused step, looped by `dispatch.scan`."""
@@ -665,7 +691,10 @@ class TransformerFAM(keras.layers.Layer):
             keep=token_keep,
             training=training,
         )
-        outputs = ops.reshape(outputs, (-1, num_blocks * size, width))
+        outputs = ops.reshape(
+            ops.cast(outputs, self.compute_dtype),
+            (-1, num_blocks * size, width),
+        )
         index = state["index"] + num_blocks * size
         fam_key, fam_value = self._fam_key_value(
             fam, index, state["position_offset"]
@@ -719,6 +748,7 @@ class TransformerFAM(keras.layers.Layer):
         else:
             rows = ops.arange(length, dtype="int32") + (fam_length + offset)
         outputs, _ = self.step(x, positions, keys, rows, training=training)
+        outputs = ops.cast(outputs, self.compute_dtype)
         keys, values, key_mask = written.pop("keys")
         state = written
         completes = offset + length == self.block_size
@@ -832,8 +862,7 @@ class TransformerFAM(keras.layers.Layer):
             else (self._run_blocks)
         )
         outputs, state = run(inputs, mask, state, training)
-        state["index"] = ops.cast(state["index"], "int32")
-        return outputs, state
+        return outputs, self._returned_state(state, training)
 
     def run_partial_block(self, inputs, state, length, padding_mask=None):
         """The first `length` tokens of a block, in one call.
@@ -859,8 +888,7 @@ class TransformerFAM(keras.layers.Layer):
         outputs, state = self._chunk_step(
             inputs, mask, state, 0, False, count=length
         )
-        state["index"] = ops.cast(state["index"], "int32")
-        return outputs, state
+        return outputs, self._returned_state(state, False)
 
     def summary_step(self, fam, training=None):
         """The layer's output on FAM rows alone: its FAM update over an
@@ -886,6 +914,14 @@ class TransformerFAM(keras.layers.Layer):
             training=training,
         )
         return fam
+
+    def _returned_state(self, state, training):
+        """The state handed back to the caller: an int32 position, and,
+        unless training, no autograd history (`LayerState.detach`): a stream
+        fed chunk by chunk outside `torch.no_grad()` would otherwise keep
+        every earlier chunk's graph alive in the state."""
+        state = {**state, "index": ops.cast(state["index"], "int32")}
+        return state if training else self.state_spec.detach(state)
 
     def _padding_mask(self, inputs, padding_mask):
         if padding_mask is None:
@@ -939,12 +975,21 @@ class TransformerFAM(keras.layers.Layer):
             self.attention.num_key_value_heads,
             self.attention.head_dim,
             dtype=self.compute_dtype,
+            # The carried FAM (and every residual add) stays at least
+            # float32: in bfloat16 a growing FAM's updates fall below its
+            # resolution and the memory freezes over a long stream.
+            fam_dtype=max(self.compute_dtype, "float32", key=_float_bits),
         )
 
     def state_shapes(self, batch_size):
         """`{name: (shape, dtype)}` of a streaming state; nothing depends on
         the position (see `LayerState.shapes`)."""
         return self.state_spec.shapes(batch_size)
+
+    def __call__(self, inputs, *args, **kwargs):
+        if not (ops.is_tensor(inputs) or isinstance(inputs, keras.KerasTensor)):
+            inputs = ops.convert_to_tensor(inputs)
+        return super().__call__(inputs, *args, **kwargs)
 
     def call(
         self,
@@ -959,6 +1004,9 @@ class TransformerFAM(keras.layers.Layer):
         state_index=None,
     ):
         self._check_inputs(inputs, padding_mask, fam, state)
+        inputs = ops.cast(inputs, self.compute_dtype)
+        if state is not None:
+            state = self.state_spec.cast(state)
         if state_index is not None:
             if state is None:
                 raise ValueError(
@@ -977,12 +1025,11 @@ class TransformerFAM(keras.layers.Layer):
             state = self.get_initial_state(ops.shape(inputs)[0], fam=fam)
             state["index"] = 0  # Known at trace time: the fast path.
         outputs, state = self._stream(inputs, padding_mask, state, training)
-        state["index"] = ops.convert_to_tensor(state["index"], "int32")
         extras = []
         if return_fam:
             extras.append(state["fam"])
         if return_state:
-            extras.append(state)
+            extras.append(self._returned_state(state, training))
         return (outputs, *extras) if extras else outputs
 
     def _check_inputs(self, inputs, padding_mask, fam, state):
@@ -1091,6 +1138,11 @@ class TransformerFAM(keras.layers.Layer):
             "parallel_blocks": self.parallel_blocks,
             "fam_normalization": self.fam_normalization,
         }
+
+
+def _float_bits(dtype):
+    """64 for float64, 32 for float32, 16 for (b)float16."""
+    return int("".join(c for c in dtype if c.isdigit()))
 
 
 # The `TransformerFAM` arguments a `keras_fam.models.FAMBackbone` passes to

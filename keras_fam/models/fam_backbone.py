@@ -500,7 +500,8 @@ class FAMBackbone(Backbone):
         """
         if not self.fam_length:
             return [None] * self.num_layers
-        fam = ops.cast(self.fam_summary_embedding, self.compute_dtype)[None]
+        carried = self.transformer_layers[0].state_spec.fam_dtype  # float32+
+        fam = ops.cast(self.fam_summary_embedding, carried)[None]
         fams = []
         for index, layer in enumerate(self.transformer_layers):
             fams.append(fam)

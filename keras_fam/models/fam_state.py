@@ -8,12 +8,15 @@ layer count).
 """
 
 import json
+import zipfile
+import zlib
 
 import keras
 import numpy as np
 from keras import ops
 
-from keras_fam.layers.layer_state import LayerState
+from keras_fam.layers.layer_state import INDEX_KEYS, KEYS, MASK_KEYS, LayerState
+from keras_fam.models.fam_backbone import FAMBackbone
 
 SIGNATURE_KEYS = (
     "vocabulary_size",
@@ -27,6 +30,25 @@ SIGNATURE_KEYS = (
     "num_key_value_heads",
     "head_dim",
     "position_embedding",
+)
+
+META_KEYS = ("signature", "dtypes", "num_layers")
+# Bounds of a file `load` accepts (a state is never read on trust).
+MAX_LAYERS = 1024
+MAX_META_BYTES = 1 << 24
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+_ALLOWED_DTYPES = {
+    **{name: ("bool",) for name in MASK_KEYS},
+    **{name: ("int32",) for name in INDEX_KEYS},
+}
+# The signature entries the state's shapes follow from.
+_SHAPE_KEYS = (
+    "num_layers",
+    "num_heads",
+    "hidden_dim",
+    "block_size",
+    "memory_segments",
+    "fam_length",
 )
 
 
@@ -94,6 +116,18 @@ class FAMState:
             )
         backbone.check_state(self.layers, self.batch_size)
 
+    def cast_to(self, backbone):
+        """This state with every tensor in `backbone`'s state dtypes (a
+        state saved by a model of another dtype policy, or before the FAM
+        was carried in float32)."""
+        layers = [
+            layer.state_spec.cast(state)
+            for layer, state in zip(
+                backbone.transformer_layers, self.layers, strict=True
+            )
+        ]
+        return FAMState(layers, self.signature)
+
     def save(self, path):
         """Save to a `.npz` file (bit-exact)."""
         arrays, dtypes = {}, {}
@@ -111,27 +145,230 @@ class FAMState:
             np.savez(file, **arrays)
 
     @classmethod
-    def load(cls, path):
-        """Load a state saved by `save`."""
-        with np.load(path, allow_pickle=False) as data:
-            if "__meta__" not in data:
-                raise ValueError(
-                    f"`path` is not a saved FAMState. Received: path={path}"
+    def load(cls, path, model=None):
+        """Load a state saved by `save`.
+
+        The file is checked before any array is read: an uncompressed
+        `.npz` archive (as `save` writes it) whose metadata has exactly the
+        keys `save` writes, a layer count in `[1, MAX_LAYERS]` that matches
+        the arrays present, one array per layer and state key with a dtype
+        from the allowed ones (`bool` masks, `int32` positions, `float32`,
+        `bfloat16` or `float16` values) and the shape the signature (or
+        `model`) implies. Arrays are read without pickle. Positions must be
+        non-negative and equal across layers.
+
+        Args:
+            path: str. A file written by `save`.
+            model: optional `FAMBackbone` or `FAMCausalLM`: the state must
+                come from a model of the same configuration (checked before
+                any array is read), and its tensors take that model's state
+                dtypes. Defaults to `None`.
+
+        Returns:
+            A `FAMState`.
+
+        Raises:
+            ValueError: naming `path` and what is wrong with the file.
+        """
+        backbone = None if model is None else getattr(model, "backbone", model)
+        if backbone is not None and not isinstance(backbone, FAMBackbone):
+            raise TypeError(
+                "`model` must be a FAMCausalLM or a FAMBackbone. "
+                f"Received: model={type(model).__name__}"
+            )
+        try:
+            archive = zipfile.ZipFile(path)
+        except (zipfile.BadZipFile, EOFError, ValueError) as error:
+            raise _file_error(path, f"not a .npz archive ({error})") from None
+        with archive:
+            try:
+                return cls._read(archive, path, backbone)
+            except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as e:
+                raise _file_error(path, f"unreadable ({e})") from None
+
+    @classmethod
+    def _read(cls, archive, path, backbone):
+        entries = {}
+        for info in archive.infolist():
+            if not info.filename.endswith(".npy"):
+                raise _file_error(path, f"unexpected entry {info.filename!r}")
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise _file_error(
+                    path, f"entry {info.filename!r} is compressed"
                 )
-            meta = json.loads(str(data["__meta__"]))
-            layers = []
-            for index in range(meta["num_layers"]):
-                prefix = f"layer_{index}/"
-                layers.append(
-                    LayerState.from_numpy(
-                        {
-                            key[len(prefix) :]: (data[key], dtype)
-                            for key, dtype in meta["dtypes"].items()
-                            if key.startswith(prefix)
-                        }
-                    )
+            entries[info.filename[: -len(".npy")]] = info
+        if "__meta__" not in entries:
+            raise _file_error(path, "no `__meta__` entry (not a FAMState)")
+        if entries["__meta__"].file_size > MAX_META_BYTES:
+            raise _file_error(
+                path,
+                f"metadata of {entries['__meta__'].file_size} bytes "
+                f"(at most {MAX_META_BYTES})",
+            )
+        meta = _read_array(archive, entries["__meta__"], path)
+        if meta.dtype.kind != "U" or meta.shape != ():
+            raise _file_error(path, "`__meta__` is not a JSON string")
+        try:
+            meta = json.loads(str(meta))
+            signature = json.loads(meta["signature"])
+        except (ValueError, TypeError, KeyError) as error:
+            raise _file_error(
+                path, f"metadata is not valid ({error})"
+            ) from None
+        layers = _check_meta(meta, signature, set(entries) - {"__meta__"}, path)
+        if backbone is not None and meta["signature"] != model_signature(
+            backbone
+        ):
+            raise ValueError(
+                f"`path` {path!r} holds the state of another model. This "
+                f"model: {model_signature(backbone)}. Received: state of "
+                f"{meta['signature']}"
+            )
+        # Shapes and dtypes from the array headers, before reading data.
+        headers = {
+            key: _read_header(archive, entries[key], path)
+            for key in meta["dtypes"]
+        }
+        batch_size = headers["layer_0/block_mask"][0][:1]
+        if len(batch_size) != 1:
+            raise _file_error(path, "`layer_0/block_mask` has no batch axis")
+        specs = (
+            [layer.state_spec for layer in backbone.transformer_layers]
+            if backbone is not None
+            else [LayerState.from_config(signature)] * layers
+        )
+        for key, (shape, dtype) in headers.items():
+            index, name = _split(key)
+            expected = specs[index].shapes(batch_size[0])[name][0]
+            stored = (
+                "float32"
+                if meta["dtypes"][key] == "bfloat16"
+                else (meta["dtypes"][key])
+            )
+            if dtype != np.dtype(stored) or shape != expected:
+                raise _file_error(
+                    path,
+                    f"`{key}` is a {dtype} array of shape {shape}; the "
+                    f"metadata and signature call for {stored} {expected}",
                 )
-        return cls(layers, meta["signature"])
+        states = [{} for _ in range(layers)]
+        for key in meta["dtypes"]:
+            index, name = _split(key)
+            array = _read_array(archive, entries[key], path)
+            states[index][name] = (array, meta["dtypes"][key])
+        for name in INDEX_KEYS:
+            values = {int(state[name][0]) for state in states}
+            if min(values) < 0 or len(values) > 1:
+                raise _file_error(
+                    path,
+                    f"`{name}` must be one non-negative value for every "
+                    f"layer; found {sorted(values)}",
+                )
+        state = cls(
+            [LayerState.from_numpy(state) for state in states],
+            meta["signature"],
+        )
+        return state if backbone is None else state.cast_to(backbone)
+
+
+def _file_error(path, why):
+    return ValueError(
+        f"`path` is not a valid saved FAMState: {why}. Received: path={path!r}"
+    )
+
+
+def _split(key):
+    """`"layer_3/fam"` -> `(3, "fam")`."""
+    prefix, name = key.split("/", 1)
+    return int(prefix[len("layer_") :]), name
+
+
+def _check_meta(meta, signature, arrays, path):
+    """Validates the metadata schema; returns the layer count."""
+    if not isinstance(meta, dict) or set(meta) != set(META_KEYS):
+        keys = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
+        raise _file_error(
+            path, f"metadata keys must be {sorted(META_KEYS)}, found {keys}"
+        )
+    layers = meta["num_layers"]
+    if (
+        isinstance(layers, bool)
+        or not isinstance(layers, int)
+        or not 1 <= layers <= MAX_LAYERS
+    ):
+        raise _file_error(
+            path, f"`num_layers` must be in [1, {MAX_LAYERS}], found {layers!r}"
+        )
+    if not isinstance(signature, dict) or not set(_SHAPE_KEYS) <= set(
+        signature
+    ):
+        raise _file_error(path, f"the signature lacks {list(_SHAPE_KEYS)}")
+    for key in _SHAPE_KEYS:
+        value = signature[key]
+        low = 0 if key in ("memory_segments", "fam_length") else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise _file_error(path, f"signature {key}={value!r}")
+    if signature["num_layers"] != layers:
+        raise _file_error(
+            path,
+            f"`num_layers` is {layers} but the signature says "
+            f"{signature['num_layers']}",
+        )
+    expected = {f"layer_{i}/{name}" for i in range(layers) for name in KEYS}
+    dtypes = meta["dtypes"]
+    if not isinstance(dtypes, dict) or set(dtypes) != expected:
+        raise _file_error(
+            path,
+            f"`dtypes` must name the {len(KEYS)} state arrays of each of "
+            f"{layers} layers",
+        )
+    if arrays != expected:
+        missing, extra = sorted(expected - arrays), sorted(arrays - expected)
+        raise _file_error(
+            path,
+            f"the arrays do not match {layers} layers (missing "
+            f"{missing[:3]}, unexpected {extra[:3]})",
+        )
+    for key, dtype in dtypes.items():
+        allowed = _ALLOWED_DTYPES.get(_split(key)[1], FLOAT_DTYPES)
+        if dtype not in allowed:
+            raise _file_error(
+                path, f"`{key}` has dtype {dtype!r}; allowed: {allowed}"
+            )
+    return layers
+
+
+def _read_header(archive, info, path):
+    """`(shape, dtype)` of an `.npy` entry, without reading its data; the
+    entry's size must match them."""
+    with archive.open(info) as file:
+        try:
+            version = np.lib.format.read_magic(file)
+            if version == (1, 0):
+                header = np.lib.format.read_array_header_1_0(file)
+            else:
+                header = np.lib.format.read_array_header_2_0(file)
+        except ValueError as error:
+            raise _file_error(
+                path, f"`{info.filename}` is not an array ({error})"
+            ) from None
+        shape, fortran, dtype = header
+        size = int(np.prod(shape)) * dtype.itemsize
+        if fortran or dtype.hasobject or info.file_size != file.tell() + size:
+            raise _file_error(
+                path, f"`{info.filename}` is not a plain array of its size"
+            )
+    return tuple(shape), dtype
+
+
+def _read_array(archive, info, path):
+    with archive.open(info) as file:
+        try:
+            return np.lib.format.read_array(file, allow_pickle=False)
+        except ValueError as error:
+            raise _file_error(
+                path, f"`{info.filename}` is not an array ({error})"
+            ) from None
 
 
 def _numpy_dtype(dtype):

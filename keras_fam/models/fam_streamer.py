@@ -97,7 +97,7 @@ class FAMStreamer:
                 f"Received: state={type(state).__name__}"
             )
         state.check_model(backbone)
-        self.state = state
+        self.state = state.cast_to(backbone)
         self._steps = {}
 
     def _check_output(self, output, backbone):
