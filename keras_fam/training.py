@@ -38,13 +38,11 @@ References:
     arXiv 2404.09173, section 3.3.
 """
 
-import numbers
-
 import keras
 import numpy as np
 from keras import ops
 
-from keras_fam.checks import check_probability
+from keras_fam.checks import check_float, check_int, check_probability
 
 
 @keras.saving.register_keras_serializable(package="keras_fam")
@@ -171,18 +169,7 @@ class RandomPositionOffset(keras.layers.Layer):
     def __init__(self, max_offset, probability=0.5, seed=None, **kwargs):
         super().__init__(**kwargs)
         check_probability("position_offset_probability", probability)
-        if isinstance(max_offset, bool) or not isinstance(
-            max_offset, (int, float)
-        ):
-            raise ValueError(
-                "`max_position_offset` must be a positive number. "
-                f"Received: max_position_offset={max_offset!r}"
-            )
-        if max_offset < 1:
-            raise ValueError(
-                "`max_position_offset` must be at least 1. "
-                f"Received: max_position_offset={max_offset}"
-            )
+        max_offset = check_float("max_position_offset", max_offset, 1)
         self.max_offset = int(max_offset)
         self.probability = float(probability)
         self.seed = seed
@@ -252,16 +239,8 @@ class StreamedStatePassing(keras.layers.Layer):
 
     def __init__(self, num_layers, fam_length, hidden_dim, streams, **kwargs):
         super().__init__(**kwargs)
-        if (
-            isinstance(streams, bool)
-            or not isinstance(streams, numbers.Integral)
-            or streams < 1
-        ):
-            raise ValueError(
-                "`training_streams` must be a positive integer (the batch "
-                f"size of every training step). Received: "
-                f"training_streams={streams!r}"
-            )
+        # The batch size of every training step.
+        streams = check_int("training_streams", streams)
         self.num_layers = num_layers
         self.fam_length = fam_length
         self.hidden_dim = hidden_dim
@@ -362,19 +341,8 @@ def streamed_batches(
         `y` the next tokens `(B, S)`; `sample_weight` `(B, S)`, the weight
         of each next token.
     """
-    for name, value in (
-        ("batch_size", batch_size),
-        ("segment_length", segment_length),
-    ):
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, numbers.Integral)
-            or value < 1
-        ):
-            raise ValueError(
-                f"`{name}` must be a positive integer. "
-                f"Received: {name}={value!r}"
-            )
+    batch_size = check_int("batch_size", batch_size)
+    segment_length = check_int("segment_length", segment_length)
     check_probability("reset_probability", reset_probability)
     if not callable(sample_document):
         raise TypeError(

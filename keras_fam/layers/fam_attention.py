@@ -15,7 +15,13 @@ import math
 import keras
 from keras import ops
 
-from keras_fam.checks import check_bool, check_int
+from keras_fam.checks import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_positive,
+    get_initializer,
+)
 from keras_fam.layers.rms_normalization import (
     NORMALIZATIONS,
     normalization_layer,
@@ -123,12 +129,12 @@ def _check_frequency_scaling(frequency_scaling):
             f"Received: rope_frequency_scaling={frequency_scaling!r}"
         )
     values = {
-        key: float(frequency_scaling[key]) for key in FREQUENCY_SCALING_KEYS
+        key: check_positive(
+            f"rope_frequency_scaling['{key}']", frequency_scaling[key]
+        )
+        for key in FREQUENCY_SCALING_KEYS
     }
-    if (
-        min(values.values()) <= 0
-        or values["high_freq_factor"] <= values["low_freq_factor"]
-    ):
+    if values["high_freq_factor"] <= values["low_freq_factor"]:
         raise ValueError(
             "`rope_frequency_scaling` values must be positive with "
             "`high_freq_factor > low_freq_factor`. "
@@ -199,17 +205,17 @@ class FAMAttention(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        num_key_value_heads = num_key_value_heads or num_heads
-        check_bool("qkv_bias", qkv_bias)
-        if query_key_norm is not None and query_key_norm not in (
-            QUERY_KEY_NORMS
-        ):
-            raise ValueError(
-                f"`query_key_norm` must be `None` or one of {QUERY_KEY_NORMS}."
-                f" Received: query_key_norm={query_key_norm!r}"
-            )
-        check_int("num_heads", num_heads)
-        check_int("num_key_value_heads", num_key_value_heads)
+        num_heads = check_int("num_heads", num_heads)
+        if num_key_value_heads is None:
+            num_key_value_heads = num_heads
+        num_key_value_heads = check_int(
+            "num_key_value_heads", num_key_value_heads
+        )
+        qkv_bias = check_bool("qkv_bias", qkv_bias)
+        use_bias = check_bool("use_bias", use_bias)
+        use_rope = check_bool("use_rope", use_rope)
+        if query_key_norm is not None:
+            check_choice("query_key_norm", query_key_norm, QUERY_KEY_NORMS)
         if num_heads % num_key_value_heads:
             raise ValueError(
                 "`num_key_value_heads` must divide `num_heads`. Received: "
@@ -217,29 +223,43 @@ class FAMAttention(keras.layers.Layer):
                 f"num_heads={num_heads}"
             )
         if head_dim is not None:
-            check_int("head_dim", head_dim)
+            head_dim = check_int("head_dim", head_dim)
             if use_rope and head_dim % 2:
                 raise ValueError(
                     "`head_dim` must be even with `use_rope=True`. "
                     f"Received: head_dim={head_dim}"
                 )
-        dispatch._check_implementation(attention_implementation)
+        dispatch.check_implementation(
+            attention_implementation, "attention_implementation"
+        )
         self.num_heads = num_heads
         self.num_key_value_heads = num_key_value_heads
         self.head_dim = head_dim
         self.use_bias = use_bias
         self.qkv_bias = qkv_bias
         self.query_key_norm = query_key_norm
-        self.query_key_norm_epsilon = query_key_norm_epsilon
+        self.query_key_norm_epsilon = check_positive(
+            "query_key_norm_epsilon", query_key_norm_epsilon
+        )
         self.use_rope = use_rope
-        self.rope_max_wavelength = rope_max_wavelength
-        self.rope_scaling_factor = rope_scaling_factor
+        # Zero or negative values would give NaN (or inf) rotations.
+        self.rope_max_wavelength = check_positive(
+            "rope_max_wavelength", rope_max_wavelength
+        )
+        self.rope_scaling_factor = check_positive(
+            "rope_scaling_factor", rope_scaling_factor
+        )
         self.rope_frequency_scaling = _check_frequency_scaling(
             rope_frequency_scaling
         )
-        self.query_scale = query_scale
-        self.logit_soft_cap = logit_soft_cap
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        # A non-positive scale or soft cap inverts or breaks the softmax.
+        self.query_scale = check_positive(
+            "query_scale", query_scale, optional=True
+        )
+        self.logit_soft_cap = check_positive(
+            "logit_soft_cap", logit_soft_cap, optional=True
+        )
+        self.kernel_initializer = get_initializer(kernel_initializer)
         self.attention_implementation = attention_implementation
 
     def _projection(self, equation, output_shape, bias_axes, name, bias):

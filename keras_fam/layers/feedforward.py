@@ -3,6 +3,14 @@
 import keras
 from keras import ops
 
+from keras_fam.checks import (
+    check_bool,
+    check_choice,
+    check_int,
+    get_activation,
+    get_initializer,
+)
+
 KINDS = ("mlp", "gated")
 
 
@@ -40,16 +48,13 @@ class FeedForward(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if kind not in KINDS:
-            raise ValueError(
-                f"`feedforward` must be one of {KINDS}. Received: {kind!r}"
-            )
-        self.intermediate_dim = intermediate_dim
-        self.kind = kind
+        self.intermediate_dim = check_int("intermediate_dim", intermediate_dim)
+        # The argument is `feedforward` in `TransformerFAM` and the models.
+        self.kind = check_choice("feedforward", kind, KINDS)
         self.activation = activation
-        self.use_bias = use_bias
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
-        self._activation_fn = _activation(activation)
+        self.use_bias = check_bool("use_bias", use_bias)
+        self.kernel_initializer = get_initializer(kernel_initializer)
+        self._activation_fn = get_activation(activation)
 
     def _dense(self, units, name):
         return keras.layers.Dense(
@@ -103,9 +108,3 @@ class FeedForward(keras.layers.Layer):
                 self.kernel_initializer
             ),
         }
-
-
-def _activation(name):
-    if name == "gelu_approximate":
-        return lambda x: keras.activations.gelu(x, approximate=True)
-    return keras.activations.get(name)

@@ -11,6 +11,8 @@ would no longer load. The math is the same (`rms_normalize`).
 import keras
 from keras import ops
 
+from keras_fam.checks import check_bool, check_choice, check_positive
+
 NORMALIZATIONS = ("layer_norm", "rms_norm", "rms_norm_unit_offset")
 
 
@@ -18,6 +20,8 @@ def normalization_layer(kind, epsilon, dtype=None, name=None):
     """A norm layer of `kind` (one of `NORMALIZATIONS`): Keras'
     `LayerNormalization`, or `RMSNormalization` with (Gemma) or without
     (Llama) unit offset."""
+    check_choice("normalization", kind, NORMALIZATIONS)
+    epsilon = check_positive("layer_norm_epsilon", epsilon)
     if kind == "layer_norm":
         return keras.layers.LayerNormalization(
             epsilon=epsilon, dtype=dtype, name=name
@@ -55,8 +59,8 @@ class RMSNormalization(keras.layers.Layer):
 
     def __init__(self, epsilon=1e-6, unit_offset=False, **kwargs):
         super().__init__(**kwargs)
-        self.epsilon = epsilon
-        self.unit_offset = unit_offset
+        self.epsilon = check_positive("epsilon", epsilon)
+        self.unit_offset = check_bool("unit_offset", unit_offset)
 
     def build(self, input_shape):
         self.scale = self.add_weight(

@@ -44,9 +44,13 @@ import numpy as np
 from keras import ops
 
 from keras_fam.checks import (
+    check_batch_size,
     check_bool,
     check_choice,
     check_int,
+    check_positive,
+    check_rate,
+    get_initializer,
     shapes_match,
 )
 from keras_fam.layers.fam_attention import FAMAttention
@@ -174,8 +178,14 @@ class TransformerFAM(keras.layers.Layer):
         inputs: float tensor `(batch, sequence, width)`. Any sequence length;
             a last partial block never sees future tokens.
         padding_mask: bool tensor `(batch, sequence)`, `True` for real tokens.
-            Padded tokens are never attended to by other tokens or the FAM.
-            Keras' implicit mask is used when it is not given.
+            Masked tokens are never attended to by other tokens or the FAM,
+            and a NaN there never reaches other rows, but they keep their
+            positions and block slots: blocks are counted from position 0,
+            so padding *before* real tokens moves their block boundaries
+            (and FAM updates) and changes their outputs. Pad on the right
+            (the models, `keras_fam.models.FAMBackbone` and up, reject
+            left padding). Keras' implicit mask is used when it is not
+            given.
         fam: float tensor `(batch, fam_length, width)`: the initial FAM of a
             new sequence. Defaults to the learned `initial_fam`.
         state: dict from `get_initial_state()` or a previous call with
@@ -246,18 +256,17 @@ class TransformerFAM(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        check_int("block_size", block_size, minimum=1)
-        check_bool("query_key_norm", query_key_norm)
-        check_int("memory_segments", memory_segments, minimum=0)
-        check_int("fam_length", fam_length, minimum=0)
+        block_size = check_int("block_size", block_size, minimum=1)
+        memory_segments = check_int("memory_segments", memory_segments, 0)
+        fam_length = check_int("fam_length", fam_length, minimum=0)
         if intermediate_dim is not None:
-            check_int("intermediate_dim", intermediate_dim, minimum=1)
+            intermediate_dim = check_int("intermediate_dim", intermediate_dim)
         check_choice("normalization", normalization, NORMALIZATIONS)
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(
-                f"`dropout` must be in [0, 1). Received: dropout={dropout}"
-            )
-        self.num_heads = num_heads
+        layer_norm_epsilon = check_positive(
+            "layer_norm_epsilon", layer_norm_epsilon
+        )
+        dropout = check_rate("dropout", dropout)
+        self.num_heads = check_int("num_heads", num_heads)
         self.block_size = block_size
         self.memory_segments = memory_segments
         self.fam_length = fam_length
@@ -266,15 +275,18 @@ class TransformerFAM(keras.layers.Layer):
         self.activation = activation
         self.normalization = normalization
         self.layer_norm_epsilon = layer_norm_epsilon
-        self.sandwich_norm = sandwich_norm
-        self.use_bias = use_bias
+        self.sandwich_norm = check_bool("sandwich_norm", sandwich_norm)
+        self.use_bias = check_bool("use_bias", use_bias)
         self.dropout = dropout
-        self.learned_initial_fam = learned_initial_fam
-        check_bool("parallel_blocks", parallel_blocks)
-        self.parallel_blocks = parallel_blocks
-        check_bool("fam_normalization", fam_normalization)
-        self.fam_normalization = fam_normalization
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.learned_initial_fam = check_bool(
+            "learned_initial_fam", learned_initial_fam
+        )
+        self.parallel_blocks = check_bool("parallel_blocks", parallel_blocks)
+        self.fam_normalization = check_bool(
+            "fam_normalization", fam_normalization
+        )
+        query_key_norm = check_bool("query_key_norm", query_key_norm)
+        self.kernel_initializer = get_initializer(kernel_initializer)
         self.supports_masking = True
         # Keras would cast every float argument to the compute dtype, the
         # carried float32 FAM in `state`/`fam` too; `__call__` converts
@@ -420,6 +432,8 @@ class TransformerFAM(keras.layers.Layer):
         else:
             query, key, value = projected
         all_keys, all_values, key_mask = keys(key, value)
+        all_keys = _finite_where_masked(all_keys, key_mask)
+        all_values = _finite_where_masked(all_values, key_mask)
         mask = self._mask(mask_rows, key_mask, columns)
         attended = self.attention.attend(query, all_keys, all_values, mask)
         if self.sandwich_norm:
@@ -943,6 +957,7 @@ class TransformerFAM(keras.layers.Layer):
             A dict of tensors whose shapes depend only on the configuration
             and `batch_size`.
         """
+        batch_size = check_batch_size(batch_size)
         spec = self.state_spec
         state = spec.zeros(batch_size, position_offset)
         if fam is None and self.fam_length:
@@ -1003,7 +1018,9 @@ class TransformerFAM(keras.layers.Layer):
         mask=None,
         state_index=None,
     ):
-        self._check_inputs(inputs, padding_mask, fam, state)
+        self._check_inputs(
+            inputs, mask if padding_mask is None else padding_mask, fam, state
+        )
         inputs = ops.cast(inputs, self.compute_dtype)
         if state is not None:
             state = self.state_spec.cast(state)
@@ -1048,6 +1065,11 @@ class TransformerFAM(keras.layers.Layer):
         if shape[1] is None:
             raise ValueError(
                 "`inputs` must have a static sequence length. "
+                f"Received: inputs.shape={shape}"
+            )
+        if shape[1] == 0:
+            raise ValueError(
+                "`inputs` must hold at least one token. "
                 f"Received: inputs.shape={shape}"
             )
         if padding_mask is not None:
@@ -1143,6 +1165,16 @@ class TransformerFAM(keras.layers.Layer):
 def _float_bits(dtype):
     """64 for float64, 32 for float32, 16 for (b)float16."""
     return int("".join(c for c in dtype if c.isdigit()))
+
+
+def _finite_where_masked(keys, key_mask):
+    """`keys` `(B, K, G, H)` with the non-finite entries of masked keys
+    zeroed. Masking alone is not enough: a NaN or inf at a padded position
+    would reach every row through `0 * NaN` in the attention kernels.
+    Finite values are kept, so the (meaningless) outputs at padded
+    positions are unchanged, and a NaN at a real position still shows."""
+    keep = ops.logical_or(key_mask[:, :, None, None], ops.isfinite(keys))
+    return ops.where(keep, keys, ops.zeros_like(keys))
 
 
 # The `TransformerFAM` arguments a `keras_fam.models.FAMBackbone` passes to

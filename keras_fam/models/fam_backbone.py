@@ -8,13 +8,26 @@ References:
     arXiv 2404.09173.
 """
 
+import inspect
+
 import keras
 import numpy as np
 from keras import ops
 from keras_hub.layers import PositionEmbedding, ReversibleEmbedding
 from keras_hub.models import Backbone
 
-from keras_fam.checks import check_choice, check_int
+from keras_fam.checks import (
+    check_batch_size,
+    check_bool,
+    check_choice,
+    check_int,
+    check_known_arguments,
+    check_positive,
+    check_rate,
+    check_right_padded,
+    check_token_ids,
+    concrete,
+)
 from keras_fam.layers.rms_normalization import (
     NORMALIZATIONS,
     normalization_layer,
@@ -168,7 +181,14 @@ class FAMBackbone(Backbone):
 
     Call arguments:
         inputs: dict with `"token_ids"` (int `(B, T)`) and `"padding_mask"`
-            (`(B, T)`, `1` for real tokens; optional).
+            (`(B, T)`, `1` for real tokens; optional). Rows are
+            right-padded: blocks (and FAM updates) are counted from a
+            row's first position, so a mask with a `0` before a `1` is
+            rejected with a `ValueError` wherever its values are known
+            (eager calls, `stream`, and `FAMCausalLM.generate` /
+            `score`); inside a compiled function (a `fit` step) it cannot
+            be read and right padding is assumed (KerasHub's
+            preprocessors pad on the right).
         training: bool. Dropout and the training tricks.
 
     Returns:
@@ -227,19 +247,44 @@ class FAMBackbone(Backbone):
         dtype=None,
         **kwargs,
     ):
-        for name, value in (
-            ("vocabulary_size", vocabulary_size),
-            ("num_layers", num_layers),
-            ("hidden_dim", hidden_dim),
-            ("intermediate_dim", intermediate_dim),
-        ):
-            check_int(name, value)
+        # Misspelled or unknown arguments are an error, not ignored.
+        check_known_arguments(
+            "FAMBackbone",
+            {
+                name: value
+                for name, value in kwargs.items()
+                if name not in LAYER_OPTIONS
+            },
+            BACKBONE_ARGUMENTS,
+        )
+        dropout = check_rate("dropout", dropout)
+        vocabulary_size = check_int("vocabulary_size", vocabulary_size)
+        num_layers = check_int("num_layers", num_layers)
+        hidden_dim = check_int("hidden_dim", hidden_dim)
+        intermediate_dim = check_int("intermediate_dim", intermediate_dim)
         check_choice(
             "position_embedding", position_embedding, POSITION_EMBEDDINGS
         )
         check_choice("normalization", normalization, NORMALIZATIONS)
+        tie_word_embeddings = check_bool(
+            "tie_word_embeddings", tie_word_embeddings
+        )
+        final_logit_soft_cap = check_positive(
+            "final_logit_soft_cap", final_logit_soft_cap, optional=True
+        )
+        embedding_scale = check_positive(
+            "embedding_scale", embedding_scale, optional=True
+        )
+        if seed is not None:
+            seed = check_int("seed", seed, minimum=None)
+        if training_streams is not None:
+            training_streams = check_int("training_streams", training_streams)
+        if max_position_offset is not None:
+            check_positive("max_position_offset", max_position_offset)
         if position_embedding == "learned":
-            check_int("max_sequence_length", max_sequence_length)
+            max_sequence_length = check_int(
+                "max_sequence_length", max_sequence_length
+            )
             if position_offset_probability:
                 raise ValueError(
                     "Random Position Offset shifts RoPE positions and needs "
@@ -248,7 +293,9 @@ class FAMBackbone(Backbone):
                     ' with position_embedding="learned"'
                 )
         elif max_sequence_length is not None:
-            check_int("max_sequence_length", max_sequence_length)
+            max_sequence_length = check_int(
+                "max_sequence_length", max_sequence_length
+            )
         if training_streams is not None:
             if not fam_length:
                 raise ValueError(
@@ -338,6 +385,15 @@ class FAMBackbone(Backbone):
                     name=f"transformer_layer_{index}",
                 )
             )
+        # NumPy scalars (np.int64(4) ...) are stored as the layers stored
+        # them, as Python values, so the config stays JSON-serialisable.
+        checked = self.transformer_layers[0].get_config()
+        for name, value in layer_options.items():
+            if isinstance(value, np.generic):
+                layer_options[name] = checked[name]
+            elif isinstance(value, (list, tuple)):
+                layer_options[name] = [_python(v) for v in value]
+        self.layer_options = layer_options
         self.layer_norm = normalization_layer(
             normalization, layer_norm_epsilon, dtype=policy, name="layer_norm"
         )
@@ -562,6 +618,7 @@ class FAMBackbone(Backbone):
             position_offset: int or scalar tensor added to every RoPE
                 position. Defaults to `0` (inference).
         """
+        batch_size = check_batch_size(batch_size)
         fams = self.initial_fams(batch_size)
         return tuple(
             layer.get_initial_state(
@@ -603,7 +660,7 @@ class FAMBackbone(Backbone):
             {"token_ids": token_ids, "padding_mask": padding_mask}
         )
         self.check_state(state, ops.shape(token_ids)[0])
-        position = _concrete(state[0]["index"])
+        position = concrete(state[0]["index"])
         if self.position_embedding is not None and position is not None:
             end = int(position) + token_ids.shape[1]
             if end > self.max_sequence_length:
@@ -752,7 +809,11 @@ class FAMBackbone(Backbone):
         """Checks a `{"token_ids", "padding_mask"}` dict (raising a
         `ValueError`/`TypeError` naming the bad argument) and returns
         `(token_ids, padding_mask)`, the mask as bool (all `True` when not
-        given)."""
+        given).
+
+        Shapes and dtypes are always checked; values (ids in
+        `[0, vocabulary_size)`, right padding) only where they are known:
+        not inside a compiled function."""
         if not isinstance(inputs, dict) or "token_ids" not in inputs:
             received = (
                 sorted(inputs) if isinstance(inputs, dict) else type(inputs)
@@ -781,15 +842,15 @@ class FAMBackbone(Backbone):
                 "`token_ids` must have shape (batch, sequence). "
                 f"Received: token_ids.shape={shape}"
             )
-        values = _concrete(token_ids)
-        if values is not None and values.size:
-            low, high = int(values.min()), int(values.max())
-            if low < 0 or high >= self.vocabulary_size:
-                raise ValueError(
-                    "`token_ids` must be in [0, vocabulary_size="
-                    f"{self.vocabulary_size}). Received: token_ids with "
-                    f"values in [{low}, {high}]"
-                )
+        if shape[1] == 0:
+            raise ValueError(
+                "`token_ids` must hold at least one token. "
+                f"Received: token_ids.shape={shape}"
+            )
+        # Values are checked where they are known (eager calls, `generate`,
+        # `score`, `stream`); inside a compiled function they are not, and
+        # an id >= vocabulary_size gives NaN on JAX (see the README).
+        check_token_ids(token_ids, self.vocabulary_size)
         padding_mask = inputs.get("padding_mask")
         if padding_mask is None:
             padding_mask = ops.ones_like(token_ids, dtype="bool")
@@ -805,6 +866,7 @@ class FAMBackbone(Backbone):
                     "`padding_mask` must have the shape of `token_ids` "
                     f"{shape}. Received: padding_mask.shape={mask_shape}"
                 )
+            check_right_padded(padding_mask)
             padding_mask = ops.cast(padding_mask, "bool")
         if self.position_embedding is not None and shape[1] is not None:
             if shape[1] > self.max_sequence_length:
@@ -1004,26 +1066,35 @@ def _in_symbolic_scope():
     return in_symbolic_scope()
 
 
-def _concrete(tensor):
-    """The NumPy value of `tensor`, or `None` inside a traced function
-    (a JAX tracer or a symbolic TensorFlow tensor cannot be read)."""
-    if isinstance(tensor, np.ndarray):
-        return tensor
-    if isinstance(tensor, keras.KerasTensor):
-        return None
-    try:
-        return ops.convert_to_numpy(tensor)
-    except Exception:  # Traced: values are checked in eager calls only.
-        return None
+def _python(value):
+    """A NumPy scalar as the Python value it holds."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _per_layer(name, value, num_layers):
-    """A float or one float per layer -> a list of `num_layers` floats."""
+    """A positive number or one per layer -> a list of `num_layers`
+    floats."""
     if isinstance(value, (list, tuple)):
         if len(value) != num_layers:
             raise ValueError(
                 f"`{name}` must be a number or a list of one number per "
                 f"layer ({num_layers}). Received: {name}={value!r}"
             )
-        return [float(v) for v in value]
-    return [value] * num_layers
+        return [
+            check_positive(f"{name}[{index}]", v)
+            for index, v in enumerate(value)
+        ]
+    return [check_positive(name, value)] * num_layers
+
+
+# Every argument `FAMBackbone(...)` accepts: its own, the layer options it
+# passes on, and the base `keras.Model` arguments a saved config holds.
+BACKBONE_ARGUMENTS = frozenset(
+    [
+        name
+        for name in inspect.signature(FAMBackbone.__init__).parameters
+        if name not in ("self", "kwargs")
+    ]
+    + list(LAYER_OPTIONS)
+    + ["name", "trainable"]
+)

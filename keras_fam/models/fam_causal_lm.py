@@ -12,6 +12,7 @@ import numpy as np
 from keras import ops
 from keras_hub.models import CausalLM
 
+from keras_fam.checks import check_bool, check_choice, check_int, concrete
 from keras_fam.models.fam_backbone import FAMBackbone
 from keras_fam.models.fam_causal_lm_preprocessor import (
     FAMCausalLMPreprocessor,
@@ -217,11 +218,7 @@ class FAMCausalLM(CausalLM):
         >>> losses = lm.score(ids[:, :-1], scoring_mode="loss",
         ...                   target_ids=ids[:, 1:])  # (1, 4999)
         """
-        if scoring_mode not in ("logits", "loss"):
-            raise ValueError(
-                "`scoring_mode` must be one of 'logits' or 'loss'. "
-                f"Received: scoring_mode={scoring_mode!r}"
-            )
+        check_choice("scoring_mode", scoring_mode, ("logits", "loss"))
         if scoring_mode == "loss" and target_ids is None:
             raise ValueError(
                 "Cannot compute loss without targets: pass `target_ids` "
@@ -235,15 +232,7 @@ class FAMCausalLM(CausalLM):
         if chunk_size is None:
             block_size = self.backbone.block_size
             chunk_size = -(-1024 // block_size) * block_size
-        if (
-            isinstance(chunk_size, bool)
-            or not isinstance(chunk_size, (int, np.integer))
-            or chunk_size < 1
-        ):
-            raise ValueError(
-                "`chunk_size` must be a positive integer. "
-                f"Received: chunk_size={chunk_size!r}"
-            )
+        chunk_size = check_int("chunk_size", chunk_size)
         token_ids, padding_mask = self.backbone.check_inputs(
             {"token_ids": token_ids, "padding_mask": padding_mask}
         )
@@ -365,18 +354,8 @@ class FAMCausalLM(CausalLM):
         `max_length`, when given, pads them.
         """
         if max_length is not None:
-            if isinstance(max_length, bool) or not isinstance(
-                max_length, (int, np.integer)
-            ):
-                raise ValueError(
-                    "`max_length` must be a positive integer. "
-                    f"Received: max_length={max_length!r}"
-                )
-            if max_length < 1:
-                raise ValueError(
-                    "`max_length` must be a positive integer. "
-                    f"Received: max_length={max_length}"
-                )
+            max_length = check_int("max_length", max_length)
+        strip_prompt = check_bool("strip_prompt", strip_prompt)
         if self.preprocessor is None:
             if not _is_dataset(inputs):
                 inputs = self._pad_prompt(inputs, max_length)
@@ -404,6 +383,7 @@ class FAMCausalLM(CausalLM):
         self.backbone.check_inputs(
             {"token_ids": token_ids, "padding_mask": mask}
         )
+        _check_prompts_not_empty(mask)
         if max_length is not None:
             longest = int(mask.sum(axis=-1).max()) if mask.size else 0
             if max_length < longest:
@@ -418,6 +398,25 @@ class FAMCausalLM(CausalLM):
                 mask = np.pad(mask, pad)
             token_ids, mask = token_ids[:, :max_length], mask[:, :max_length]
         return {"token_ids": token_ids.astype("int32"), "padding_mask": mask}
+
+    def make_generate_function(self):
+        """KerasHub's (compiled) generation function, behind the checks of
+        its inputs: inside it the token ids and padding mask are traced and
+        cannot be read, so they are checked here, where they are known
+        (ids in `[0, vocabulary_size)`, right padding, at least one real
+        token per row), whether they come from a preprocessor or not."""
+        if self.generate_function is not None:
+            return self.generate_function
+        compiled = super().make_generate_function()
+
+        def generate_function(inputs, stop_token_ids=None):
+            if isinstance(inputs, dict) and "token_ids" in inputs:
+                _, mask = self.backbone.check_inputs(inputs)
+                _check_prompts_not_empty(concrete(mask))
+            return compiled(inputs, stop_token_ids=stop_token_ids)
+
+        self.generate_function = generate_function
+        return generate_function
 
     def _check_prompt_fits(self, inputs, max_length):
         prompts = inputs if isinstance(inputs, (list, tuple)) else [inputs]
@@ -434,6 +433,21 @@ class FAMCausalLM(CausalLM):
                     "`max_length` must be at least the tokenized prompt "
                     f"length {length}. Received: max_length={max_length}"
                 )
+
+
+def _check_prompts_not_empty(padding_mask):
+    """Every prompt holds a real token (generation continues the last
+    one); `padding_mask` a NumPy array or `None` (not known)."""
+    if padding_mask is None:
+        return
+    if padding_mask.size == 0 or not padding_mask.any(axis=-1).all():
+        lengths = padding_mask.sum(axis=-1).astype(int).tolist()
+        raise ValueError(
+            "Every prompt must hold at least one token (for example a start "
+            "token): generation continues from a prompt's last token. "
+            f"Received: prompts of lengths {lengths} (padding_mask.shape="
+            f"{tuple(padding_mask.shape)})"
+        )
 
 
 def _any_equal(token_ids, values):

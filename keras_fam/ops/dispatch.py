@@ -29,15 +29,14 @@ import contextlib
 import keras
 from keras import ops
 
+from keras_fam.checks import check_choice
+
 IMPLEMENTATIONS = ("auto", "reference")
 
 
-def _check_implementation(implementation):
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(
-            f"`implementation` must be one of {IMPLEMENTATIONS}. "
-            f"Received: implementation={implementation!r}"
-        )
+def check_implementation(implementation, name="implementation"):
+    """`implementation` is one of `IMPLEMENTATIONS`."""
+    check_choice(name, implementation, IMPLEMENTATIONS)
 
 
 def attention_reference(query, key, value, mask, scale, logit_soft_cap=None):
@@ -84,7 +83,7 @@ def attention(
     Same arguments and result as `attention_reference`; `implementation`
     is `"auto"` (the backend kernel) or `"reference"` (`keras.ops` only).
     """
-    _check_implementation(implementation)
+    check_implementation(implementation)
     backend = keras.backend.backend()
     if implementation == "reference" or logit_soft_cap is not None:
         return attention_reference(
@@ -128,7 +127,7 @@ def scan(fn, init, xs, ys_like, implementation="auto"):
     Returns:
         `(final_carry, ys)` with `ys` stacked along a new leading axis.
     """
-    _check_implementation(implementation)
+    check_implementation(implementation)
     backend = keras.backend.backend()
     if implementation == "reference":
         return ops.scan(fn, init, xs)

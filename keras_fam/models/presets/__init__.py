@@ -34,10 +34,15 @@ Overrides passed to `from_preset` set the FAM and training arguments
 architecture) cannot be overridden.
 """
 
+import contextlib
+import inspect
+import json
+import os
+
 import keras
 from keras import ops
 
-from keras_fam.checks import check_int
+from keras_fam.checks import check_int, check_known_arguments
 from keras_fam.models.presets import (
     gemma,
     gemma3,
@@ -90,13 +95,82 @@ def adapter_for(backbone_cls, preset=None):
     )
 
 
-def _check_overrides(overrides):
-    """Checks the FAM arguments before anything is loaded (the layers would
-    check them too, but only after the original model is loaded)."""
+def _check_overrides(overrides, backbone_cls=None):
+    """Checks the override names and the FAM arguments before anything is
+    loaded (the backbone would check them too, but only after the original
+    model is loaded): a misspelled override is an error, not ignored."""
+    from keras_fam.models.fam_backbone import BACKBONE_ARGUMENTS
+
+    known = set(BACKBONE_ARGUMENTS)
+    if backbone_cls is not None:
+        known |= set(inspect.signature(backbone_cls.__init__).parameters)
+        known -= {"self", "args", "kwargs"}
+    check_known_arguments("from_preset", overrides, known)
     for name in FAM_ARGUMENTS:
         if overrides.get(name) is not None:
             minimum = 1 if name == "block_size" else 0
             check_int(name, overrides[name], minimum=minimum)
+
+
+# Errors of reading a broken preset file (JSON, HDF5, safetensors, zip),
+# re-raised as a `ValueError` that names the preset and its files.
+_FILE_ERRORS = (OSError, EOFError, KeyError, UnicodeDecodeError)
+_FILE_ERROR_NAMES = ("SafetensorError", "BadZipFile", "JSONDecodeError")
+
+
+def _check_json_files(preset):
+    """Every JSON file of a local preset directory parses (else a
+    `ValueError` naming the file)."""
+    if not isinstance(preset, str) or not os.path.isdir(preset):
+        return
+    for name in sorted(os.listdir(preset)):
+        path = os.path.join(preset, name)
+        if not name.endswith(".json") or not os.path.isfile(path):
+            continue
+        try:
+            with open(path, encoding="utf-8") as file:
+                value = json.load(file)
+        except (ValueError, UnicodeDecodeError) as error:
+            raise ValueError(
+                f"Preset {preset!r}: the file {path} is not valid JSON "
+                f"(corrupt or truncated: {error})."
+            ) from None
+        if not isinstance(value, dict):
+            raise ValueError(
+                f"Preset {preset!r}: the file {path} must hold a JSON "
+                f"object. Received: a JSON {type(value).__name__}"
+            )
+
+
+@contextlib.contextmanager
+def reading_preset(preset):
+    """A context for KerasHub's preset loaders: corrupt or truncated files
+    give a `ValueError` naming the preset and the file, not a raw JSON,
+    HDF5, safetensors or NumPy error."""
+    _check_json_files(preset)
+    try:
+        yield
+    except Exception as error:
+        if not isinstance(error, _FILE_ERRORS) and (
+            type(error).__name__ not in _FILE_ERROR_NAMES
+        ):
+            raise
+        files = ""
+        if isinstance(preset, str) and os.path.isdir(preset):
+            weights = sorted(
+                name
+                for name in os.listdir(preset)
+                if name.endswith((".h5", ".safetensors", ".json"))
+            )
+            files = f" (files: {', '.join(weights)})"
+        detail = str(error)
+        if "allow_pickle" in detail or not detail:
+            detail = "unreadable data"
+        raise ValueError(
+            f"Could not load preset {preset!r}{files}: a file is corrupt, "
+            f"truncated or not of the expected format "
+            f"({type(error).__name__}: {detail})."
+        ) from None
 
 
 def _check_dtype(dtype):
@@ -229,19 +303,20 @@ def backbone_from_preset(cls, preset, dtype=None, load_weights=True, **kwargs):
     """`FAMBackbone.from_preset`: see the module docstring."""
     from keras_hub.models import Backbone
 
-    _check_overrides(kwargs)
+    _check_overrides(kwargs, cls)
     dtype = _check_dtype(dtype)
-    backbone_cls = _loader(preset).check_backbone_class()
-    if _is_fam(backbone_cls):
-        # Already a FAM preset: KerasHub's own loader; `kwargs` override
-        # config entries (block_size, memory_segments...).
-        return Backbone.from_preset.__func__(
-            cls, preset, load_weights=load_weights, dtype=dtype, **kwargs
+    with reading_preset(preset):
+        backbone_cls = _loader(preset).check_backbone_class()
+        if _is_fam(backbone_cls):
+            # Already a FAM preset: KerasHub's own loader; `kwargs` override
+            # config entries (block_size, memory_segments...).
+            return Backbone.from_preset.__func__(
+                cls, preset, load_weights=load_weights, dtype=dtype, **kwargs
+            )
+        adapter_for(backbone_cls, preset)
+        original = Backbone.from_preset(
+            preset, load_weights=load_weights, dtype=dtype
         )
-    adapter_for(backbone_cls, preset)
-    original = Backbone.from_preset(
-        preset, load_weights=load_weights, dtype=dtype
-    )
     return convert_backbone(
         original, cls, dtype=dtype, load_weights=load_weights, **kwargs
     )
@@ -257,10 +332,19 @@ def causal_lm_from_preset(
     `CausalLMPreprocessor.from_preset`; pass `None` or a preprocessor to
     override it. Other keyword arguments override backbone arguments.
     """
+    _check_overrides(kwargs, cls.backbone_cls)
+    dtype = _check_dtype(dtype)
+    with reading_preset(preset):
+        return _causal_lm_from_preset(
+            cls, preset, dtype, load_weights, preprocessor, **kwargs
+        )
+
+
+def _causal_lm_from_preset(
+    cls, preset, dtype, load_weights, preprocessor, **kwargs
+):
     from keras_hub.models import CausalLM, CausalLMPreprocessor
 
-    _check_overrides(kwargs)
-    dtype = _check_dtype(dtype)
     loader = _loader(preset)
     backbone_cls = loader.check_backbone_class()
     if _is_fam(backbone_cls):
