@@ -164,11 +164,13 @@ def check_known_arguments(owner, received, known):
         close = difflib.get_close_matches(str(name), list(known), n=1)
         if close:
             hints.append(f"did you mean `{close[0]}` for `{name}`?")
-    hint = f" ({'; '.join(hints)})" if hints else ""
+    if hints:
+        hint = f" ({'; '.join(hints)})"
+    else:
+        hint = f". Allowed: {', '.join(sorted(known))}"
     raise ValueError(
         f"Unknown argument{'s' if len(unknown) > 1 else ''} to {owner}: "
-        f"{', '.join(map(str, unknown))}{hint}. Allowed: "
-        f"{', '.join(sorted(known))}. Received: "
+        f"{', '.join(map(str, unknown))}{hint}. Received: "
         + ", ".join(f"{name}={received[name]!r}" for name in unknown)
     )
 

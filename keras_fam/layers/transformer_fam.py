@@ -1031,7 +1031,7 @@ class TransformerFAM(keras.layers.Layer):
                     f"`state` too. Received: state_index={state_index!r}, "
                     "state=None"
                 )
-            check_int("state_index", state_index, minimum=0)
+            state_index = check_int("state_index", state_index, minimum=0)
             state = {**state, "index": state_index}
         if padding_mask is None:
             padding_mask = mask

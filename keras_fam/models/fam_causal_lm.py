@@ -351,7 +351,11 @@ class FAMCausalLM(CausalLM):
 
         Without a preprocessor, `inputs` is a dict of `"token_ids"` and
         `"padding_mask"` (or an int array of token ids, all real), and
-        `max_length`, when given, pads them.
+        `max_length`, when given, pads them. Prompts are right-padded and
+        hold at least one real token; the ids are in
+        `[0, vocabulary_size)`. These are checked (a `ValueError`) before
+        the compiled generation function, where they could not be, with
+        or without a preprocessor.
         """
         if max_length is not None:
             max_length = check_int("max_length", max_length)
