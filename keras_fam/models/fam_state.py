@@ -240,11 +240,7 @@ class FAMState:
         for key, (shape, dtype) in headers.items():
             index, name = _split(key)
             expected = specs[index].shapes(batch_size[0])[name][0]
-            stored = (
-                "float32"
-                if meta["dtypes"][key] == "bfloat16"
-                else (meta["dtypes"][key])
-            )
+            stored = meta["dtypes"][key].replace("bfloat16", "float32")
             if dtype != np.dtype(stored) or shape != expected:
                 raise _file_error(
                     path,
