@@ -143,6 +143,7 @@ class PassKeyTask:
                 f"`key_digits` must be >= 1. Received: key_digits={key_digits}"
             )
         self.key_digits = key_digits
+        self.tokenizer = tokenizer
         encode = lambda text: np.asarray(  # noqa: E731
             keras.ops.convert_to_numpy(tokenizer(text)), dtype="int32"
         )
@@ -165,6 +166,10 @@ class PassKeyTask:
             raise ValueError(
                 "The tokenizer must encode every digit as one token."
             )
+
+    def with_digits(self, key_digits):
+        """The same task with keys of `key_digits` digits."""
+        return PassKeyTask(self.tokenizer, key_digits)
 
     def overhead(self):
         """Tokens of a sequence that are not filler."""
@@ -465,6 +470,8 @@ def fine_tune_fam(args, task):
         args.longest_filler,
         int(args.curriculum * steps),
         align=args.block_size if args.align_episodes else 1,
+        digit_steps=args.digit_curriculum_steps,
+        first_longest=args.first_longest_filler,
     )
     data = streamed_dataset(
         sampler,
@@ -486,22 +493,56 @@ def fine_tune_fam(args, task):
 
 
 class CurriculumSampler:
-    """Streamed episodes whose longest filler grows from `shortest` to
-    `longest` over the first `curriculum_steps` training steps
-    (log-uniform filler lengths)."""
+    """Streamed episodes with a curriculum on the key's length, then on the
+    filler's.
 
-    def __init__(self, task, longest, curriculum_steps, align, shortest=16):
-        self.task, self.longest, self.shortest = task, longest, shortest
+    Key length: for the first `digit_steps` steps keys have 1 digit, then
+    each episode draws its length uniformly from 1 to one more digit every
+    `digit_steps` steps, up to the task's `key_digits` (`digit_steps=0`:
+    always the full length). Filler: log-uniform up to `first_longest`
+    until the key curriculum is done, then the bound grows linearly to
+    `longest` over `curriculum_steps` steps.
+    """
+
+    def __init__(
+        self,
+        task,
+        longest,
+        curriculum_steps,
+        align,
+        digit_steps=0,
+        first_longest=40,
+    ):
+        self.tasks = {
+            d: task.with_digits(d) for d in range(1, task.key_digits + 1)
+        }
+        self.key_digits = task.key_digits
+        self.longest, self.first_longest = longest, first_longest
         self.align = align
+        self.digit_steps = digit_steps
         self.curriculum_steps = curriculum_steps
         self.step = 0
 
+    def bounds(self):
+        """`(most digits, longest filler)` at the current step."""
+        digits, grow_from = self.key_digits, 0
+        if self.digit_steps:
+            digits = min(self.key_digits, 1 + self.step // self.digit_steps)
+            grow_from = self.digit_steps * (self.key_digits - 1)
+        longest = min(self.first_longest, self.longest)
+        if self.step >= grow_from:
+            done = self.step - grow_from
+            if done >= self.curriculum_steps:
+                longest = self.longest
+            else:
+                span = self.longest - longest
+                longest += span * done // self.curriculum_steps
+        return digits, longest
+
     def __call__(self, rng):
-        longest = self.longest
-        if self.step < self.curriculum_steps:
-            span = self.longest - self.shortest
-            longest = self.shortest + span * self.step // self.curriculum_steps
-        return self.task.document_sampler(0, longest, align=self.align)(rng)
+        most_digits, longest = self.bounds()
+        task = self.tasks[int(rng.integers(1, most_digits + 1))]
+        return task.document_sampler(0, longest, align=self.align)(rng)
 
     def callback(self):
         sampler = self
@@ -660,7 +701,7 @@ def parse_args(argv=None):
     # FAM and BSWA.
     add("--block-size", type=int, default=32)
     add("--fam-length", type=int, default=16)
-    add("--fam-memory-segments", type=int, default=1)
+    add("--fam-memory-segments", type=int, default=0)
     add(
         "--fam-normalization",
         action=argparse.BooleanOptionalAction,
@@ -668,11 +709,23 @@ def parse_args(argv=None):
         help="Rescale the carried FAM to unit RMS after every block.",
     )
     add("--lora-rank", type=int, default=16)
-    add("--learning-rate", type=float, default=1e-2)
+    add("--learning-rate", type=float, default=5e-3)
     add("--batch-size", type=int, default=32)
     add("--epochs", type=int, default=4, help="Progress-bar epochs.")
     add("--train-length", type=int, default=256, help="Training segment.")
     add("--longest-filler", type=int, default=480)
+    add(
+        "--digit-curriculum-steps",
+        type=int,
+        default=100,
+        help="Steps per added key digit (0: full keys from the start).",
+    )
+    add(
+        "--first-longest-filler",
+        type=int,
+        default=40,
+        help="Longest filler while the key curriculum runs.",
+    )
     add(
         "--curriculum",
         type=float,
@@ -691,7 +744,7 @@ def parse_args(argv=None):
         default=0.2,
         help="Chance per step that a row starts a new stream.",
     )
-    add("--fam-steps", type=int, default=400)
+    add("--fam-steps", type=int, default=1000)
     add("--bswa-steps", type=int, default=100)
     add("--bswa-train-length", type=int, default=256)
     add("--bswa-memory-segments", type=int, nargs="*", default=[0, 1, 2])

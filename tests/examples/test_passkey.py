@@ -75,6 +75,33 @@ def test_filler_lengths_are_log_uniform():
     assert 0.45 < np.mean(lengths < 31) < 0.55
 
 
+def test_curriculum_grows_the_key_then_the_filler(tokenizer):
+    task = passkey.PassKeyTask(tokenizer, key_digits=3)
+    sampler = passkey.CurriculumSampler(
+        task, 400, curriculum_steps=100, align=1, digit_steps=10,
+        first_longest=40,
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    seen = {}
+    for step, bounds in [
+        (0, (1, 40)), (10, (2, 40)), (19, (2, 40)), (20, (3, 40)),
+        (70, (3, 220)), (120, (3, 400)), (500, (3, 400)),
+    ]:  # fmt: skip
+        sampler.step = step
+        assert sampler.bounds() == bounds
+        digits = set()
+        for _ in range(40):
+            ids, weights = sampler(rng)
+            digits.add(int(weights.sum()))  # One weight per answer digit.
+            assert len(ids) <= task.overhead() + bounds[1]
+        seen[step] = digits
+    assert seen[0] == {1} and seen[10] == {1, 2} and seen[500] == {1, 2, 3}
+    # Without a key curriculum the filler curriculum starts at once.
+    sampler = passkey.CurriculumSampler(task, 400, 100, align=1)
+    sampler.step = 50
+    assert sampler.bounds() == (3, 220)
+
+
 def test_reduced_pipeline_writes_table_json_and_plot(tmp_path, capsys):
     """Base preset (built, then reused from its cache), FAM from the
     preset with LoRA (only adapters and summary embeddings train), fit on
