@@ -482,7 +482,13 @@ def fine_tune_fam(args, task):
         task,
         args.longest_filler,
         int(args.curriculum * steps),
-        align=args.block_size if args.align_episodes else 1,
+        # Document resets start every episode at a segment boundary (a
+        # multiple of the block size) already.
+        align=(
+            args.block_size
+            if args.align_episodes and not args.document_resets
+            else 1
+        ),
         digit_steps=args.digit_curriculum_steps,
         first_longest=args.first_longest_filler,
     )
@@ -492,6 +498,7 @@ def fine_tune_fam(args, task):
         args.train_length,
         reset_probability=args.reset_probability,
         seed=args.seed,
+        document_resets=args.document_resets,
     )
     epochs = max(1, min(args.epochs, steps))
     start = time.time()
@@ -725,8 +732,8 @@ def parse_args(argv=None):
     add("--learning-rate", type=float, default=5e-3)
     add("--batch-size", type=int, default=32)
     add("--epochs", type=int, default=4, help="Progress-bar epochs.")
-    add("--train-length", type=int, default=256, help="Training segment.")
-    add("--longest-filler", type=int, default=480)
+    add("--train-length", type=int, default=320, help="Training segment.")
+    add("--longest-filler", type=int, default=240)
     add(
         "--digit-curriculum-steps",
         type=int,
@@ -742,31 +749,39 @@ def parse_args(argv=None):
     add(
         "--curriculum",
         type=float,
-        default=0.3,
+        default=0.4,
         help="Fraction of steps over which the longest filler grows.",
     )
     add(
         "--align-episodes",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="Start every training episode at a block boundary.",
+        help="Start every training episode at a block boundary (without "
+        "--document-resets).",
+    )
+    add(
+        "--document-resets",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Every training episode is a stream of its own: it starts a "
+        "segment from the initial FAM, as every evaluation sequence does.",
     )
     add(
         "--reset-probability",
         type=float,
-        default=0.2,
+        default=0.0,
         help="Chance per step that a row starts a new stream.",
     )
-    add("--fam-steps", type=int, default=1000)
+    add("--fam-steps", type=int, default=1500)
     add("--bswa-steps", type=int, default=100)
-    add("--bswa-train-length", type=int, default=256)
+    add("--bswa-train-length", type=int, default=320)
     add("--bswa-memory-segments", type=int, nargs="*", default=[0, 1, 2])
     # Evaluation.
     add(
         "--eval-lengths",
         type=int,
         nargs="+",
-        default=[0, 64, 128, 256, 1024, 4096, 16384, 65536, 262144],
+        default=[0, 64, 128, 240, 1024, 5120, 16384, 65536, 262144],
         help="Filler lengths to evaluate.",
     )
     add(

@@ -42,7 +42,12 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_fam.checks import check_float, check_int, check_probability
+from keras_fam.checks import (
+    check_bool,
+    check_float,
+    check_int,
+    check_probability,
+)
 
 
 @keras.saving.register_keras_serializable(package="keras_fam")
@@ -312,6 +317,7 @@ def streamed_batches(
     segment_length,
     reset_probability=0.1,
     seed=None,
+    document_resets=False,
 ):
     """Training batches cut from `batch_size` endless token streams.
 
@@ -322,6 +328,14 @@ def streamed_batches(
     `StreamedStatePassing`). At the first step, and then with probability
     `reset_probability` per row and step, a row drops what was left of its
     stream and starts a new one (`stream_reset = 1`).
+
+    With `document_resets=True` every document is a stream of its own, as
+    at inference, where a prompt starts from a fresh state: each document
+    starts at a segment boundary from the initial FAM (`stream_reset = 1`),
+    the FAM carries it across as many segments as it spans, and the
+    segment that holds its end is right-padded (`padding_mask` `False`,
+    weight `0`). No row then starts a document with the FAM of an
+    unrelated one (PassKey: a stale key in the memory).
 
     Args:
         sample_document: callable `rng -> token_ids` or `rng ->
@@ -334,6 +348,8 @@ def streamed_batches(
         reset_probability: float in `[0, 1]`. Chance that a row restarts.
             Defaults to `0.1`.
         seed: int or `None`. Seed of the document and reset draws.
+        document_resets: bool. Start every document at a segment boundary
+            from a fresh state (above). Defaults to `False`.
 
     Yields:
         `(x, y, sample_weight)` for `fit`: `x` a dict of `"token_ids"`
@@ -349,6 +365,7 @@ def streamed_batches(
             "`sample_document` must be a callable `rng -> token_ids`. "
             f"Received: sample_document={sample_document!r}"
         )
+    document_resets = check_bool("document_resets", document_resets)
     rng = np.random.default_rng(seed)
     need = segment_length + 1  # Inputs and their next tokens.
     tokens = [np.zeros(0, "int32") for _ in range(batch_size)]
@@ -357,13 +374,16 @@ def streamed_batches(
     while True:
         reset = np.zeros(batch_size, "float32")
         for row in range(batch_size):
-            if first or rng.uniform() < reset_probability:
+            # With document resets a document is over when at most its
+            # last token is left (already the previous segment's label).
+            done = document_resets and len(tokens[row]) <= 1
+            if first or done or rng.uniform() < reset_probability:
                 tokens[row] = np.zeros(0, "int32")
                 weights[row] = np.zeros(0, "float32")
                 reset[row] = 1.0
             pieces, piece_weights = [tokens[row]], [weights[row]]
             have = len(tokens[row])
-            while have < need:
+            while have < need and not (document_resets and have):
                 ids, weight = _document(sample_document, rng)
                 pieces.append(ids)
                 piece_weights.append(weight)
@@ -371,14 +391,16 @@ def streamed_batches(
             tokens[row] = np.concatenate(pieces)
             weights[row] = np.concatenate(piece_weights)
         first = False
-        window = np.stack([t[:need] for t in tokens])
-        weight = np.stack([w[1:need] for w in weights])
+        lengths = np.array([min(len(t), need) for t in tokens])
+        window = np.stack([_pad(t[:need], need) for t in tokens])
+        weight = np.stack([_pad(w[1:need], need - 1) for w in weights])
         # This segment's last label is the next segment's first input.
         tokens = [t[segment_length:] for t in tokens]
         weights = [w[segment_length:] for w in weights]
         x = {
             "token_ids": window[:, :-1],
-            "padding_mask": np.ones((batch_size, segment_length), bool),
+            "padding_mask": np.arange(segment_length)[None]
+            < lengths[:, None],
             "stream_reset": reset,
         }
         yield x, window[:, 1:], weight
@@ -390,6 +412,7 @@ def streamed_dataset(
     segment_length,
     reset_probability=0.1,
     seed=None,
+    document_resets=False,
 ):
     """`streamed_batches` as an endless `tf.data.Dataset`, which every
     Keras backend's `fit` (and KerasHub's tasks, which take datasets rather
@@ -406,7 +429,12 @@ def streamed_dataset(
     import tensorflow as tf
 
     batches = streamed_batches(
-        sample_document, batch_size, segment_length, reset_probability, seed
+        sample_document,
+        batch_size,
+        segment_length,
+        reset_probability,
+        seed,
+        document_resets,
     )
     shape = (batch_size, segment_length)
     signature = (
@@ -421,6 +449,11 @@ def streamed_dataset(
     return tf.data.Dataset.from_generator(
         lambda: batches, output_signature=signature
     )
+
+
+def _pad(values, length):
+    """`values` right-padded with zeros to `length`."""
+    return np.pad(values, (0, length - len(values)))
 
 
 def _document(sample_document, rng):

@@ -293,6 +293,53 @@ def test_streamed_batches_cut_continuous_streams():
         next(streamed_batches(document, 2, 4, reset_probability=1.5))
 
 
+def test_streamed_batches_with_document_resets():
+    """Every document starts a segment from a fresh state, continues over
+    as many segments as it spans, and its last segment is right-padded
+    (masked, weight 0); nothing of another document shares its segments."""
+    counter = iter(range(10**6))
+
+    def document(rng):
+        start = next(counter) * 100
+        length = int(rng.integers(2, 20))
+        return np.arange(start, start + length), np.full(length, 0.5)
+
+    batches = streamed_batches(
+        document, 3, 6, reset_probability=0.0, seed=2, document_resets=True
+    )
+    current, ended, last_label = [None] * 3, [True] * 3, [None] * 3
+    padded_segments = 0
+    for step in range(40):
+        x, y, w = next(batches)
+        ids, mask = x["token_ids"], x["padding_mask"]
+        for row in range(3):
+            real = int(mask[row].sum())
+            if ended[row]:
+                assert x["stream_reset"][row]
+            elif not x["stream_reset"][row]:
+                # Continues exactly where the previous segment stopped.
+                assert ids[row, 0] == last_label[row]
+            ended[row], last_label[row] = real < 6, y[row, -1]
+            # Right padding only, and nothing real after it.
+            np.testing.assert_array_equal(mask[row], np.arange(6) < real)
+            assert np.all(w[row, real:] == 0) and np.all(ids[row, real:] == 0)
+            if x["stream_reset"][row]:
+                assert ids[row, 0] % 100 == 0  # A document's first token.
+                current[row] = ids[row, 0] // 100
+            else:
+                assert step > 0 and ids[row, 0] % 100 != 0
+            # Every real token belongs to the row's current document.
+            np.testing.assert_array_equal(ids[row, :real] // 100, current[row])
+            if real < 6:
+                padded_segments += 1
+                # The document ends here: the next step resets the row.
+                labels = y[row, : max(real - 1, 0)]
+                np.testing.assert_array_equal(labels, ids[row, 1:real])
+    assert padded_segments > 10
+    with pytest.raises(ValueError, match="document_resets"):
+        next(streamed_batches(document, 2, 4, document_resets="yes"))
+
+
 def test_streamed_state_passing_under_fit():
     """`fit` on `streamed_dataset` writes every row's final FAM in the
     compiled train step; `predict` and `evaluate` leave it alone."""
