@@ -15,9 +15,11 @@ the same `TransformerFAM` class on the same input:
   attention through the same kernel.
 
 and prints the time ratios FAM / BSWA and FAM / full for the forward pass at
-T = 2k, 8k, 32k and for forward+backward at 8k, as a markdown table (and JSON
-with `--output`). A second table compares the two ways the layer can run
-whole blocks in training, forward+backward at 2k and 8k:
+T = 2k, 8k, 32k and for forward+backward at 8k and 32k, as a markdown table
+(and JSON with `--output`; `--cases fwd:8192 bwd:32768` picks rows,
+`--kinds fam bswa` configurations, `--skip-paths` drops the second
+table). A second table compares the two ways the layer can run whole blocks
+in training, forward+backward at 2k and 8k:
 `parallel_blocks=False` (the default loop over the fused block step) and
 `parallel_blocks=True`. Width 256, 4 heads, feedforward 1024, batch 1, float32.
 Functions are compiled (`jax.jit`, `tf.function(jit_compile=True)`; PyTorch
@@ -215,6 +217,8 @@ def time_interleaved(steps, repeats, min_seconds=MIN_SECONDS):
 
 
 def format_time(result):
+    if isinstance(result, dict) and result.get("skipped"):
+        return "not run"
     if isinstance(result, dict):
         return f"OOM (asked ~{result['oom'] / 2**30:.1f} GiB)"
     return f"{result * 1e3:.1f}"
@@ -227,7 +231,7 @@ def ratio(a, b):
 
 
 def format_ratio(value):
-    return "n/a (OOM)" if value is None else f"{value:.3f}"
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def _log(text):
@@ -251,6 +255,25 @@ def main(argv=None):
         "defaults to 80%% of the memory available now",
     )
     parser.add_argument(
+        "--cases",
+        nargs="+",
+        default=None,
+        help="rows to run, `fwd:T` or `bwd:T` (forward+backward); "
+        "defaults to fwd 2k, 8k, 32k and bwd 8k, 32k",
+    )
+    parser.add_argument(
+        "--kinds",
+        nargs="+",
+        choices=KINDS,
+        default=list(KINDS),
+        help="configurations to compare (default all three)",
+    )
+    parser.add_argument(
+        "--skip-paths",
+        action="store_true",
+        help="skip the parallel_blocks table",
+    )
+    parser.add_argument(
         "--torch-threads",
         type=int,
         default=None,
@@ -267,9 +290,24 @@ def main(argv=None):
         path_lengths = [1024]
         repeats = args.repeats or 2
     else:
-        cases = [(2048, False), (8192, False), (32768, False), (8192, True)]
+        cases = [
+            (2048, False),
+            (8192, False),
+            (32768, False),
+            (8192, True),
+            (32768, True),
+        ]
         path_lengths = [2048, 8192]
         repeats = args.repeats or 5
+    if args.cases:
+        cases = []
+        for case in args.cases:
+            kind, length = case.split(":")
+            if kind not in ("fwd", "bwd"):
+                parser.error(f"--cases: `fwd:T` or `bwd:T`, not {case!r}")
+            cases.append((int(length), kind == "bwd"))
+    if args.skip_paths:
+        path_lengths = []
     if args.memory_limit_gb is not None:
         memory_limit = int(args.memory_limit_gb * 2**30)
     else:
@@ -282,6 +320,8 @@ def main(argv=None):
         name = "forward+backward" if backward else "forward"
         steps = {
             kind: prepare(kind, length, backward, memory_limit)
+            if kind in args.kinds
+            else {"skipped": True}
             for kind in KINDS
         }
         times = time_interleaved(steps, repeats)

@@ -1,7 +1,8 @@
 """Peak memory of `FAMCausalLM.score` against the document length.
 
 Each length is scored in a fresh subprocess (so that one measurement cannot
-inherit another's allocations); the child builds a small FAM language model,
+inherit another's allocations); the child builds a small FAM language model
+(`_common.SMALL_CONFIG`, shared with `benchmark_soak.py`),
 scores one warm-up block, then scores a random document of the given length
 in `"loss"` mode, and reports its peak resident set size (`ru_maxrss`). The
 parent prints each peak relative to the shortest length's.
@@ -24,16 +25,9 @@ import subprocess
 import sys
 import time
 
-CONFIG = dict(
-    vocabulary_size=256,
-    num_layers=2,
-    num_heads=4,
-    hidden_dim=64,
-    intermediate_dim=128,
-    block_size=128,
-    memory_segments=1,
-    fam_length=8,
-)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import SMALL_CONFIG as CONFIG  # noqa: E402
 
 
 def child(length):

@@ -15,8 +15,9 @@ tokens/s over the last `--window` tokens before each point, the carried
 FAM's largest magnitude, and whether the whole state is finite. Targets
 (issue 11): end / checkpoint memory <= 1.05, flat speed.
 
-Model: 2 layers, width 64, 4 heads, vocabulary 256, block 128, 1 memory
-segment, 8 FAM vectors (`--fam-normalization` to switch it on), batch 1,
+Model (`_common.SMALL_CONFIG`, shared with `benchmark_score_memory.py`): 2
+layers, width 64, 4 heads, vocabulary 256, block 128, 1 memory segment, 8
+FAM vectors (`--fam-normalization` to switch it on), batch 1,
 random weights and tokens, chunks of `--chunk` tokens.
 
     KERAS_BACKEND=jax python benchmarks/benchmark_soak.py
@@ -32,6 +33,10 @@ import sys
 import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import SMALL_CONFIG  # noqa: E402
 
 
 def peak_rss_mib():
@@ -52,14 +57,7 @@ def worker(args):
     keras.utils.set_random_seed(0)
     policy = {"float32": "float32", "bfloat16": "mixed_bfloat16"}[args.dtype]
     backbone = FAMBackbone(
-        vocabulary_size=256,
-        num_layers=2,
-        num_heads=4,
-        hidden_dim=64,
-        intermediate_dim=128,
-        block_size=128,
-        memory_segments=1,
-        fam_length=8,
+        **SMALL_CONFIG,
         fam_normalization=args.fam_normalization,
         dtype=policy,
     )
@@ -78,7 +76,9 @@ def worker(args):
     )
     fed = 0
     while fed < args.tokens:
-        ids = rng.integers(0, 256, (1, args.chunk)).astype("int32")
+        ids = rng.integers(
+            0, SMALL_CONFIG["vocabulary_size"], (1, args.chunk)
+        ).astype("int32")
         hidden, state = backbone.stream(ids, state)
         fed += args.chunk
         bar.update(args.chunk)
