@@ -373,12 +373,13 @@ def main(argv=None):
             f"{format_ratio(row['fam_over_bswa'])} | "
             f"{format_ratio(row['fam_over_full'])} |"
         )
-    print(
-        "\nFAM training path, `parallel_blocks=True` (FAM rows looped, "
-        "token attention batched) against the default block-step loop:\n"
-    )
-    print("| pass | T | block loop | parallel | parallel / block loop |")
-    print("| --- | --- | --- | --- | --- |")
+    if path_rows:
+        print(
+            "\nFAM training path, `parallel_blocks=True` (FAM rows looped, "
+            "token attention batched) against the default block-step loop:\n"
+        )
+        print("| pass | T | block loop | parallel | parallel / block loop |")
+        print("| --- | --- | --- | --- | --- |")
     for row in path_rows:
         times = row["times_s"]
         print(
