@@ -90,6 +90,15 @@ def apply_rope(
 ):
     """Rotary position embedding (the "rotate half" convention of KerasHub).
 
+    Why not `keras_hub.layers.RotaryEmbedding(...)(x, positions=...)`, whose
+    numbers agree in float32: (1) it casts `cos`/`sin` to the compute dtype
+    before rotating, so under `mixed_bfloat16` a FAM stream at position
+    10^5 and beyond rotates with 3-digit `cos`/`sin`, where this rotates in
+    float32 and casts once; (2) it has linear and YaRN scaling but not the
+    Llama 3 frequency scaling that converted Llama 3.x presets need
+    (`rope_inverse_frequency`); (3) a layer per call site would add
+    weightless sublayers to every saved attention layer's config.
+
     Args:
         x: `(B, T, N, H)` tensor, `H` even.
         positions: `(T,)` float tensor of absolute positions.
