@@ -16,10 +16,12 @@ public API of keras_fam and KerasHub:
    fam_length=..., fam_normalization=True, training_streams=...)`, then
    `backbone.enable_lora(rank)`: the trainable weights are the LoRA
    adapters and the summary embeddings only (printed). `fit` trains on
-   long streams from `keras_fam.training.streamed_dataset`: every batch row
-   is an endless stream of PassKey episodes cut into segments, continued
-   from that row's own final FAM at the next step (per-row state passing,
-   `training_streams`).
+   streams from `keras_fam.training.streamed_dataset`: every batch row
+   is a stream cut into segments, continued from that row's own final FAM
+   at the next step (per-row state passing, `training_streams`); with
+   `document_resets=True` (the default here) each PassKey episode is a
+   stream of its own, started from the initial FAM (`--no-document-resets`
+   lays episodes end to end instead).
 3. **BSWA baselines** M0, M1, M2: the same preset, `fam_length=0`, the same
    LoRA rank, `fit` on single episodes.
 4. **Evaluation** through `keras_fam.state.FAMStreamer` (compiled steps on
@@ -51,18 +53,22 @@ sequences. FAM: block 32, no memory segment (the paper's PassKey
 setting: the key, in the prompt's second block, never shares a window
 with the answer, so the answer must come from the memory), 16 FAM
 vectors, FAM normalisation, LoRA rank 16 (about 62k trainable weights of
-the model's ~165k), AdamW 5e-3 with cosine decay, 1,000 steps of 32
-streams x 256 tokens, episodes aligned to block boundaries (as every
-evaluation sequence is, and as the paper's fine-tuning sequences were),
-and a curriculum: keys of 1 digit for 100 steps, one more digit every 100
-steps (each episode draws its key length up to the current bound), fillers
-up to 40 tokens until all 5 digits are in, then the longest filler grows
-to 480 over 300 steps.
+the model's ~165k), AdamW 5e-3 with cosine decay, 1,500 steps of 32
+streams x 320 tokens, every episode a stream of its own that starts a
+segment from the initial FAM (`streamed_dataset(...,
+document_resets=True)`: as every evaluation sequence does, and as the
+paper's fine-tuning sequences each started with the prompt), and a
+curriculum: keys of 1 digit for 100 steps, one more digit every 100 steps
+(each episode draws its key length up to the current bound), fillers up
+to 40 tokens until all 5 digits are in, then the longest filler grows to
+240 over 600 steps (an episode then still fits one segment, so the
+gradient reaches from the answer back to where the key was written).
 
-Status (issue 9, shared 2-core CPU at load average 5-7): the pipeline runs
-end to end; FAM reads 5-digit keys beyond every BSWA window, but rarely.
-Default run: exact match 0.39 / 0.07 / 0.03 / 0.07 / 0.01 / 0.00 at filler
-0 / 64 / 128 / 256 / 1k / 4k+ (BSWA: 0.00 beyond its field). What we
+Status (issue 9, shared 2-core CPU at load average 3-5): the pipeline runs
+end to end; inside the trained range of fillers FAM reads most 5-digit
+keys beyond every BSWA window, beyond that range none. Default run: exact
+match 0.99 / 0.62 / 0.45 / 0.60 / 0.00 at filler 0 / 64 / 128 / 240 / 1k
+and beyond (BSWA: 0.00 beyond its field); FAM fit 1,549 s. What we
 measured, in order (LoRA rank 16 unless said; exact match on held-out
 sequences; 5-digit keys unless said):
 - Without the key curriculum nothing beyond the window is learned: block
@@ -85,13 +91,37 @@ sequences; 5-digit keys unless said):
   0.28 at 600 steps (first digit 1.00, the others 0.56-0.83), still
   rising. In the default streamed run the FAM model ends at per-digit
   training accuracy 0.85.
-- What it would take: more steps with the longer fillers (the curve was
-  still rising), fillers grown more slowly, and probably a deeper or wider
-  base (the paper's smallest is 1B parameters and 5k fine-tuning steps on
-  2k-18k-token fillers). A weight-free scaled FAM update
-  (`fam + s * update`) kept the carried code steadier (relative change
-  flat at ~2% to 1k tokens for s = 0.1, vs. decaying for s = 1) but did
-  not help learning in 200 steps, so it is not in the library.
+- Streams of episodes (the previous default: each row's next episode
+  started after the previous one's key, resets with probability 0.2 per
+  step, fillers to 480, 1,000 steps) reached 0.39 / 0.07 / 0.03 / 0.07 /
+  0.01 at filler 0 / 64 / 128 / 256 / 1k. Padded single episodes from a
+  fresh FAM (the default's recipe without `fit`'s streams, 1,500 steps,
+  fillers to 224): 1.00 / 0.83 / 0.81 at 0 / 128 / 256, then 0.00 at 1k
+  and 4k. Runs of one recipe differ by the draw (when the copying circuit
+  forms varies by a few hundred steps).
+- Distance is what is missing: no run holds the key over more blocks than
+  it was trained on. The memory's own dynamics explain part of it: the
+  spread of the carried FAM across 8 keys (same filler), relative to the
+  FAM's size, shows how much of the key it still holds. In the converted,
+  untrained model it falls from 0.034 / 0.097 (layers 0 / 1) at 96 tokens
+  to 0.006 / 0.005 at 1,120: every FAM update adds an update of 0.2-0.8x
+  the FAM's own size, so the key fades in ~30 blocks. Carrying the FAM at
+  a larger RMS (`r`: the same as scaling each update by `1 / r`, since
+  every use of the FAM is normalised) slows that: at r = 16 the spread
+  falls only from 0.0024 / 0.006 to 0.0007 / 0.0038 at 8,288 tokens, at
+  r = 64 from 0.0006 / 0.0015 to 0.0005 / 0.0012. But the imprint is r
+  times smaller: at r = 16 from the start LoRA learned nothing in 500
+  steps (per-digit accuracy at chance), and growing r from 1 to 16 during
+  training (steps 500-1,300) ended at 0.79 / 0.36 / 0.15 at 0 / 128 / 256
+  and 0.00 from 1k, with layer 0's key spread gone by 2k tokens and layer
+  1's growing to 0.6 (the trained memory diverges instead of holding). So
+  neither option is in the library.
+- What it would take: a memory that learns to latch (writes for the key,
+  near-zero updates for filler) needs training signal over many blocks:
+  longer episodes with backpropagation through them (the paper fine-tunes
+  on 2k-18k-token fillers for 5k steps), and probably a deeper or wider
+  base (the paper's smallest is 1B parameters). On this 2-core CPU a step
+  of 32 x 320 tokens takes 0.3-1 s, so that budget is out of reach here.
 """
 
 import argparse
