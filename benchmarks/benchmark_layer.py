@@ -44,7 +44,11 @@ import time
 import keras
 import numpy as np
 
-from keras_fam.layers.transformer_fam import TransformerFAM
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _common  # noqa: E402
+
+from keras_fam.layers.transformer_fam import TransformerFAM  # noqa: E402
 
 WIDTH = 256
 NUM_HEADS = 4
@@ -84,17 +88,6 @@ def attention_bytes(config, length, backward):
     scores = BATCH * NUM_HEADS * rows * keys * 4
     copies = 6 if backward else 3
     return copies * scores + 2 * BATCH * rows * keys
-
-
-def available_bytes():
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def make_step(layer, x, backward):
@@ -311,8 +304,7 @@ def main(argv=None):
     if args.memory_limit_gb is not None:
         memory_limit = int(args.memory_limit_gb * 2**30)
     else:
-        available = available_bytes()
-        memory_limit = None if available is None else int(0.8 * available)
+        memory_limit = int(0.8 * _common.available_bytes())
 
     backend = keras.backend.backend()
     rows = []

@@ -399,8 +399,7 @@ def streamed_batches(
         weights = [w[segment_length:] for w in weights]
         x = {
             "token_ids": window[:, :-1],
-            "padding_mask": np.arange(segment_length)[None]
-            < lengths[:, None],
+            "padding_mask": np.arange(segment_length)[None] < lengths[:, None],
             "stream_reset": reset,
         }
         yield x, window[:, 1:], weight
