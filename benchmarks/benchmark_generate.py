@@ -16,9 +16,11 @@ memory_segments=1, fam_length=16` (`_common.py` holds the sizes).
    of P random tokens followed by `--new-tokens` (64) generated ones, timed
    from the call to its return. Both models run without a preprocessor
    (token ids padded to `P + new_tokens`, as KerasHub's preprocessor would
-   pad them); each model's `generate` is compiled the way KerasHub compiles
-   it (`jax.jit`, `tf.function(jit_compile=True)`, PyTorch eager under
-   `torch.no_grad()`). KerasHub's prefill materialises `4 * heads * P^2`
+   pad them); each model's `generate` is compiled by its own
+   `make_generate_function`, as a user gets it: `jax.jit`; on TensorFlow
+   `tf.function` with XLA for FAM and with the model's `jit_compile` for
+   KerasHub (Keras' `"auto"`: no XLA on a CPU-only machine); PyTorch eager
+   under `torch.no_grad()`. KerasHub's prefill materialises `4 * heads * P^2`
    bytes of attention scores per layer (17 GiB at 32k); a Llama case that
    would not fit in memory is reported as `OOM` with that size.
 2. Per-token cost against the position (`--positions`): each model is

@@ -31,7 +31,8 @@ class FAMStreamer:
     blocks (the layers' fused block computation, looped inside the compiled
     step), and the last few whole blocks through a one-block step. Each
     step is compiled once per output kind (Keras' `predict_on_batch`: `jit`
-    on JAX, `tf.function` on TensorFlow) and reused however long the stream
+    on JAX, `tf.function(jit_compile=True)` on TensorFlow; eager under
+    `torch.no_grad()` on PyTorch) and reused however long the stream
     is. Memory stays constant unless the outputs themselves are kept
     (`output="logits"` or `"hidden_states"`).
 
@@ -203,6 +204,10 @@ class _StreamStep(keras.Model):
         self._output = output
         self._blocks = blocks
         self.built = True
+        if keras.backend.backend() == "tensorflow":
+            # XLA also on a CPU-only machine, where Keras' "auto" leaves
+            # it off: the one-token step is many small ops.
+            self.jit_compile = True
 
     def call(self, inputs):
         token_ids, state = inputs["token_ids"], inputs["state"]

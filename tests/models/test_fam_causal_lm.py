@@ -106,6 +106,23 @@ def test_greedy_generate_equals_argmax_of_full_forward(lengths):
         )
 
 
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="only TensorFlow's `generate` depends on `jit_compile`",
+)
+def test_generate_same_tokens_with_and_without_jit_compile():
+    """On TensorFlow `generate` uses XLA unless `jit_compile=False`: both
+    paths give the same tokens."""
+    lm = tiny_lm()
+    prompt = np.zeros((1, 3 * BLOCK + 3), "int32")
+    prompt[0, : BLOCK + 1] = np.arange(1, BLOCK + 2)
+    inputs = {"token_ids": prompt, "padding_mask": prompt > 0}
+    default = lm.generate(inputs, stop_token_ids=None)["token_ids"]
+    lm.compile(jit_compile=False)
+    plain = lm.generate(inputs, stop_token_ids=None)["token_ids"]
+    np.testing.assert_array_equal(plain, default)
+
+
 def test_generation_cache_has_a_fixed_size():
     lm = tiny_lm()
     short = lm.backbone.get_initial_state(1)
