@@ -266,18 +266,9 @@ def main(argv=None):
         action="store_true",
         help="skip the parallel_blocks table",
     )
-    parser.add_argument(
-        "--torch-threads",
-        type=int,
-        default=None,
-        help="PyTorch intra-op threads (`torch.set_num_threads`); 1 avoids "
-        "thread-barrier stalls of eager ops on an oversubscribed CPU",
-    )
+    _common.add_torch_threads_argument(parser)
     args = parser.parse_args(argv)
-    if args.torch_threads and keras.backend.backend() == "torch":
-        import torch
-
-        torch.set_num_threads(args.torch_threads)
+    _common.set_torch_threads(args.torch_threads)
     if args.quick:
         cases = [(1024, False), (2048, False), (2048, True)]
         path_lengths = [1024]
