@@ -104,7 +104,7 @@ sequences; 5-digit keys unless said):
   0 / 128 / 256 / 480 (100 sequences each), 0.03 at 1k, 0.00 at 4k. So
   every trained distance is read perfectly, and the next default should
   be `--train-length 576 --longest-filler 480` (not run as the default
-  yet: the results below the table are those of the current defaults).
+  yet: the default-run numbers above are those of the current defaults).
 - Distance is what is missing: no run holds the key over more blocks than
   it was trained on. The memory's own dynamics explain part of it: the
   spread of the carried FAM across 8 keys (same filler), relative to the
