@@ -162,6 +162,8 @@ def interleaved(cases, repeats, min_seconds=MIN_SECONDS, warmup=1):
     its call for at least `min_seconds` (`0`: exactly one call). Returns
     `{key: [seconds per call, one per round]}`."""
     keys = list(cases)
+    if not keys:  # Every case was skipped (out of memory).
+        return {}
     for key in keys:
         for _ in range(warmup):
             cases[key]()

@@ -39,7 +39,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import keras
 import numpy as np
@@ -57,7 +56,6 @@ MEMORY_SEGMENTS = 1
 FAM_LENGTH = 16
 BATCH = 1
 KINDS = ("fam", "bswa", "full")
-MIN_SECONDS = 0.5  # Each timing repeats a step at least this long.
 
 
 def layer_config(kind, length):
@@ -179,7 +177,7 @@ def prepare(kind, length, backward, memory_limit, parallel_blocks=False):
         raise
 
 
-def time_interleaved(steps, repeats, min_seconds=MIN_SECONDS):
+def time_interleaved(steps, repeats, min_seconds=_common.MIN_SECONDS):
     """Median seconds per call of each step.
 
     Every step is warmed up once more (its first call, in `prepare`, also
@@ -191,18 +189,11 @@ def time_interleaved(steps, repeats, min_seconds=MIN_SECONDS):
     a short step is not timed by one scheduler time slice. Entries that
     are not callables (OOM reports) are passed through.
     """
-    names = [name for name, step in steps.items() if callable(step)]
-    for name in names:
-        steps[name]()
-    times = {name: [] for name in names}
-    for turn in range(repeats):
-        shift = turn % max(len(names), 1)
-        for name in names[shift:] + names[:shift]:
-            calls, begin = 0, time.perf_counter()
-            while calls == 0 or time.perf_counter() - begin < min_seconds:
-                steps[name]()
-                calls += 1
-            times[name].append((time.perf_counter() - begin) / calls)
+    times = _common.interleaved(
+        {name: step for name, step in steps.items() if callable(step)},
+        repeats,
+        min_seconds,
+    )
     return {
         name: statistics.median(times[name]) if name in times else step
         for name, step in steps.items()
