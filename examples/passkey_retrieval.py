@@ -64,7 +64,7 @@ to 40 tokens until all 5 digits are in, then the longest filler grows to
 480 over 600 steps (an episode then still fits one segment, so the
 gradient reaches from the answer back to where the key was written).
 
-Status (issue 9, shared 2-core CPU at load average 3-5): the pipeline runs
+Status (issue 9, shared 2-core CPU at load average ~2): the pipeline runs
 end to end; inside the trained range of fillers FAM reads most 5-digit
 keys beyond every BSWA window, beyond that range none. Default run: exact
 match 0.96 / 0.94 / 0.85 / 0.58 / 0.06 / 0.00 / 0.00 / 0.00 at filler
@@ -90,8 +90,7 @@ sequences; 5-digit keys unless said):
 - The key curriculum breaks it: M0, fillers 0-40, single episodes, 5e-3:
   5-digit exact match 0.92-0.95 at steps 700-800; with fillers 0-160:
   0.28 at 600 steps (first digit 1.00, the others 0.56-0.83), still
-  rising. In the default streamed run the FAM model ends at per-digit
-  training accuracy 0.85.
+  rising.
 - Streams of episodes (the previous default: each row's next episode
   started after the previous one's key, resets with probability 0.2 per
   step, fillers to 480, 1,000 steps) reached 0.39 / 0.07 / 0.03 / 0.07 /
@@ -128,7 +127,7 @@ sequences; 5-digit keys unless said):
   longer episodes with backpropagation through them (the paper fine-tunes
   on 2k-18k-token fillers for 5k steps), and probably a deeper or wider
   base (the paper's smallest is 1B parameters). On this 2-core CPU a step
-  of 32 x 320 tokens takes 0.3-1 s, so that budget is out of reach here.
+  of 32 x 576 tokens takes 0.7-0.8 s, so that budget is out of reach here.
 """
 
 import argparse
