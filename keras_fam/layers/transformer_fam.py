@@ -64,6 +64,8 @@ from keras_fam.layers.rms_normalization import (
 from keras_fam.ops import dispatch
 from keras_fam.ops.masks import block_self_mask, block_step_mask
 
+FAM_WRITE_GATES = (None, "soft", "hard")
+
 
 @keras.saving.register_keras_serializable(package="keras_fam")
 class TransformerFAM(keras.layers.Layer):
@@ -172,6 +174,19 @@ class TransformerFAM(keras.layers.Layer):
             (float64 in a float64 layer) whatever the compute dtype, so
             under bfloat16 the memory does not freeze. Defaults to
             `False`.
+        fam_write_gate: `None`, `"soft"` or `"hard"`. Scales each FAM
+            vector's update at a block boundary by its write share, the
+            attention mass (averaged over heads) that the vector's query
+            put on the block's tokens rather than on the FAM's own keys:
+            `fam + share * (updated - fam)`. No weights: the share comes
+            from the attention the layer computes anyway, so a model learns
+            when to write by where its FAM queries look. `"hard"` writes all
+            (share > 0.5) or nothing in the forward pass, with the soft
+            share's gradient (straight-through); a closed gate carries the
+            FAM exactly, so what it holds survives any number of blocks
+            that the model reads without writing. `None` (the paper's
+            update, every block writes in full) keeps converted checkpoints
+            unchanged. Defaults to `None`.
         **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`...).
 
     Call arguments:
@@ -251,6 +266,7 @@ class TransformerFAM(keras.layers.Layer):
         learned_initial_fam=True,
         parallel_blocks=False,
         fam_normalization=False,
+        fam_write_gate=None,
         qkv_bias=False,
         query_key_norm=False,
         **kwargs,
@@ -284,6 +300,9 @@ class TransformerFAM(keras.layers.Layer):
         self.parallel_blocks = check_bool("parallel_blocks", parallel_blocks)
         self.fam_normalization = check_bool(
             "fam_normalization", fam_normalization
+        )
+        self.fam_write_gate = check_choice(
+            "fam_write_gate", fam_write_gate, FAM_WRITE_GATES
         )
         query_key_norm = check_bool("query_key_norm", query_key_norm)
         self.kernel_initializer = get_initializer(kernel_initializer)
@@ -332,6 +351,10 @@ class TransformerFAM(keras.layers.Layer):
         self._self_mask = block_self_mask(
             block_size, memory_segments, fam_length
         )
+        # The FAM's own keys in the one key layout (the write gate's mass).
+        self._fam_columns = np.zeros(self._static_mask.shape[1], dtype=bool)
+        start = memory_segments * block_size
+        self._fam_columns[start : start + fam_length] = True
         self._row_offsets = np.concatenate(
             [np.arange(-fam_length, 0), np.arange(block_size)]
         ).astype("float32")
@@ -386,6 +409,7 @@ class TransformerFAM(keras.layers.Layer):
         projected=None,
         keep=None,
         training=None,
+        fam_rows=0,
     ):
         """One step of the layer: `rows` attend to a key layout, then go
         through the feedforward network (pre-norm, residuals).
@@ -414,6 +438,9 @@ class TransformerFAM(keras.layers.Layer):
             keep: `None`, or a pair of dropout keep-masks (inside a scan,
                 where a seed generator cannot advance).
             training: bool. Enables dropout.
+            fam_rows: int. The first `fam_rows` rows are FAM vectors whose
+                update the `fam_write_gate` scales (the callers that carry
+                the FAM to the next block). Defaults to `0`.
 
         Returns:
             `(rows, (key, value))`: the rows after the layer, and their own
@@ -424,7 +451,7 @@ class TransformerFAM(keras.layers.Layer):
             dtype by the callers.
         """
         residual = self.state_spec.fam_dtype
-        rows = ops.cast(rows, residual)
+        rows = previous = ops.cast(rows, residual)
         if projected is None:
             hidden = self.attention_norm(rows)
             query = self.attention.project_query(hidden, positions)
@@ -445,7 +472,36 @@ class TransformerFAM(keras.layers.Layer):
         if self.sandwich_norm:
             fed = self.post_feedforward_norm(fed)
         rows = rows + ops.cast(self._drop(fed, keep, 1, training), residual)
+        if fam_rows and self.fam_write_gate is not None:
+            rows = self._gate_fam(
+                rows, previous, query, all_keys, mask, columns, fam_rows
+            )
         return rows, (key, value)
+
+    def _gate_fam(self, rows, previous, query, keys, mask, columns, count):
+        """`fam_write_gate`: scale each FAM vector's update by the share of
+        its attention that went to the block rather than to the FAM."""
+        attention = self.attention
+        scale = attention.query_scale or attention.head_dim**-0.5
+        on_fam = dispatch.attention_mass(
+            query[:, :count],
+            keys,
+            mask[:, :count],
+            self._fam_columns[columns],
+            float(scale),
+            attention.logit_soft_cap,
+        )
+        write = 1.0 - on_fam
+        if self.fam_write_gate == "hard":
+            # Forward: write all or nothing, so a closed gate keeps the
+            # FAM exactly over any number of blocks. Backward: the soft
+            # share (straight-through estimator).
+            hard = ops.cast(ops.greater(write, 0.5), write.dtype)
+            write = write + ops.stop_gradient(hard - write)
+        write = ops.cast(write[:, :, None], rows.dtype)
+        before = previous[:, :count]
+        fam = before + write * (rows[:, :count] - before)
+        return ops.concatenate([fam, rows[:, count:]], axis=1)
 
     def _carried_fam(self, fam):
         """The updated FAM as carried to the next block: unit RMS per vector
@@ -513,6 +569,7 @@ class TransformerFAM(keras.layers.Layer):
             np.arange(fam_length + size),
             keep=inputs.get("keep"),
             training=training,
+            fam_rows=fam_length,
         )
         carry = {
             "fam": self._carried_fam(rows[:, :fam_length]),
@@ -636,6 +693,7 @@ class TransformerFAM(keras.layers.Layer):
                     columns=slice(memory, None),
                     keep=inputs.get("keep"),
                     training=training,
+                    fam_rows=fam_length,
                 )
                 return self._carried_fam(fam), fam_key_value
 
@@ -790,6 +848,7 @@ class TransformerFAM(keras.layers.Layer):
                 self._fam_positions(block_start, state["position_offset"]),
                 lambda key, value: (keys, values, key_mask),
                 np.arange(self.fam_length),
+                fam_rows=self.fam_length,
             )
             fam = self._carried_fam(fam)
         fam_key, fam_value = self._fam_key_value(
@@ -1159,6 +1218,7 @@ class TransformerFAM(keras.layers.Layer):
             "learned_initial_fam": self.learned_initial_fam,
             "parallel_blocks": self.parallel_blocks,
             "fam_normalization": self.fam_normalization,
+            "fam_write_gate": self.fam_write_gate,
         }
 
 

@@ -160,6 +160,10 @@ class FAMBackbone(Backbone):
             `fam_normalization`; not in the paper). Keeps a model trained
             from scratch on short sequences stable over long ones; leave it
             off for converted presets. Defaults to `False`.
+        fam_write_gate: `None`, `"soft"` or `"hard"`. Every layer scales
+            its FAM update by the share of the FAM's attention on the block
+            (`TransformerFAM`'s `fam_write_gate`; not in the paper; no
+            weights). Defaults to `None` (the paper's update).
         state_passing_probability: float. Random State Passing probability
             (training only). Defaults to `0.0` (off).
         training_streams: int or `None`. Train on this many parallel

@@ -69,6 +69,33 @@ def attention_reference(query, key, value, mask, scale, logit_soft_cap=None):
     return ops.reshape(out, (batch, length, heads, head_dim))
 
 
+def attention_mass(query, key, mask, columns, scale, logit_soft_cap=None):
+    """How much of each query's attention falls on some key columns.
+
+    Args:
+        query, key, mask, scale, logit_soft_cap: as in
+            `attention_reference` (`value` is not needed).
+        columns: bool NumPy array `(K,)`, the columns to sum.
+
+    Returns:
+        float32 `(B, Q)`: the softmax mass on `columns`, averaged over the
+        query heads.
+    """
+    batch, length, heads, head_dim = ops.shape(query)
+    groups = ops.shape(key)[2]
+    query = ops.reshape(
+        query, (batch, length, groups, heads // groups, head_dim)
+    )
+    logits = ops.einsum("bqgnh,bkgh->bgnqk", query, key)
+    logits = ops.cast(logits, "float32") * scale
+    if logit_soft_cap is not None:
+        logits = ops.tanh(logits / logit_soft_cap) * logit_soft_cap
+    logits = ops.where(mask[:, None, None, :, :], logits, -1e30)
+    probs = ops.softmax(logits, axis=-1)
+    mass = ops.sum(ops.where(columns, probs, 0.0), axis=-1)  # (B, G, n, Q)
+    return ops.mean(ops.reshape(mass, (batch, heads, length)), axis=1)
+
+
 def attention(
     query,
     key,

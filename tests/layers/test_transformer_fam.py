@@ -29,6 +29,7 @@ from layer_testing import (
 )
 
 from keras_fam.layers import TransformerFAM
+from keras_fam.ops import dispatch
 
 BACKEND = keras.backend.backend()
 
@@ -83,8 +84,10 @@ class NumpyTransformerFAM:
         rope_max_wavelength=10000.0,
         epsilon=1e-5,
         fam_normalization=False,
+        fam_write_gate=None,
     ):
         self.fam_normalization = fam_normalization
+        self.fam_write_gate = fam_write_gate
         self.w = {k: v.astype("float64") for k, v in weights.items()}
         self.heads, self.groups = num_heads, num_key_value_heads
         self.size, self.memory, self.fam = (
@@ -128,11 +131,14 @@ class NumpyTransformerFAM:
         key = self.rope(self.project("key", hidden), positions)
         return query, key, self.project("value", hidden)
 
-    def attend(self, query, key, value, allowed):
-        """query (Q, N, H), key/value (K, G, H), allowed bool (Q, K)."""
+    def attend(self, query, key, value, allowed, mass_columns=None):
+        """query (Q, N, H), key/value (K, G, H), allowed bool (Q, K).
+        With `mass_columns` (K,) also returns the attention mass on those
+        columns, averaged over heads (Q,)."""
         head_dim = query.shape[-1]
         per_group = self.heads // self.groups
         out = np.zeros(query.shape)
+        mass = np.zeros(len(query))
         for head in range(self.heads):
             group = head // per_group
             logits = query[:, head] @ key[:, group].T / np.sqrt(head_dim)
@@ -140,11 +146,14 @@ class NumpyTransformerFAM:
             probs = np.exp(logits - logits.max(-1, keepdims=True))
             probs /= probs.sum(-1, keepdims=True)
             out[:, head] = probs @ value[:, group]
+            if mass_columns is not None:
+                mass += probs[:, mass_columns].sum(-1) / self.heads
         w = self.w
         out = np.einsum(
             "qnh,nhd->qd", out, w["attention/attention_output/kernel"]
         )
-        return out + w["attention/attention_output/bias"]
+        out = out + w["attention/attention_output/bias"]
+        return out if mass_columns is None else (out, mass)
 
     def feedforward(self, x):
         w = self.w
@@ -200,10 +209,19 @@ class NumpyTransformerFAM:
                 fam_allowed = np.broadcast_to(
                     fam_allowed, (fam_length, len(fam_keys))
                 )
-                fam = self.residual(
-                    fam,
-                    self.attend(fam_query, fam_keys, fam_values, fam_allowed),
+                own = np.arange(len(fam_keys)) < fam_length
+                attended, on_fam = self.attend(
+                    fam_query, fam_keys, fam_values, fam_allowed, own
                 )
+                updated = self.residual(fam, attended)
+                # The write gate: the update scaled by the attention share
+                # on the block (all or nothing when "hard").
+                write = {
+                    None: np.ones_like(on_fam),
+                    "soft": 1.0 - on_fam,
+                    "hard": (1.0 - on_fam > 0.5).astype(float),
+                }[self.fam_write_gate]
+                fam = fam + write[:, None] * (updated - fam)
                 if self.fam_normalization:  # Unit RMS per FAM vector.
                     rms = np.sqrt(np.mean(fam**2, -1, keepdims=True) + 1e-6)
                     fam = fam / rms
@@ -233,6 +251,7 @@ def _numpy_reference(layer, x, padding_mask, fam=None, position_offset=0):
         rope_max_wavelength=config["rope_max_wavelength"],
         epsilon=config["layer_norm_epsilon"],
         fam_normalization=config["fam_normalization"],
+        fam_write_gate=config["fam_write_gate"],
     )
     results = [
         reference(x[b], padding_mask[b], fam[b], position_offset)
@@ -250,17 +269,21 @@ def _padding_mask(batch, length):
 
 
 @pytest.mark.parametrize(
-    "memory_segments, fam_length, length, parallel_blocks, normalized",
+    "memory_segments, fam_length, length, parallel_blocks, normalized, gate",
     [
-        (1, 2, 14, False, False),
-        (2, 3, 11, True, False),
-        (0, 1, 9, False, False),
-        (1, 2, 14, False, True),
-        (2, 3, 11, True, True),
+        (1, 2, 14, False, False, None),
+        (2, 3, 11, True, False, None),
+        (0, 1, 9, False, False, None),
+        (1, 2, 14, False, True, None),
+        (2, 3, 11, True, True, None),
+        (1, 3, 14, False, True, "soft"),
+        (2, 2, 11, True, False, "soft"),
+        (1, 3, 14, False, True, "hard"),
+        (1, 3, 14, True, True, "hard"),
     ],
 )
 def test_matches_numpy_reference(
-    memory_segments, fam_length, length, parallel_blocks, normalized
+    memory_segments, fam_length, length, parallel_blocks, normalized, gate
 ):
     # GQA (4 heads, 2 key/value heads), RoPE, a last partial block, padding;
     # whole blocks through the fused block loop, or `parallel_blocks`; the
@@ -270,6 +293,7 @@ def test_matches_numpy_reference(
         fam_length=fam_length,
         parallel_blocks=parallel_blocks,
         fam_normalization=normalized,
+        fam_write_gate=gate,
     )
     x = _inputs(2, length)
     padding_mask = _padding_mask(2, length)
@@ -390,11 +414,13 @@ def _state_signature(state):
     }
 
 
-@pytest.mark.parametrize("fam_normalization", [False, True])
-def test_streaming_in_chunks_equals_full_call(fam_normalization):
+@pytest.mark.parametrize(
+    "fam_normalization, gate", [(False, None), (True, None), (True, "hard")]
+)
+def test_streaming_in_chunks_equals_full_call(fam_normalization, gate):
     # Chunks of 1, 3, block_size and 2.5 * block_size tokens, from a fresh
     # state each time; one full call is the reference for all of them.
-    layer = _layer(fam_normalization=fam_normalization)
+    layer = _layer(fam_normalization=fam_normalization, fam_write_gate=gate)
     length = 18
     x = _inputs(2, length, seed=4)
     padding_mask = _padding_mask(2, length)
@@ -429,6 +455,42 @@ def test_streaming_in_chunks_equals_full_call(fam_normalization):
             rtol=0,
             err_msg=f"chunk={chunk}",
         )
+
+
+@pytest.mark.parametrize("parallel_blocks", [False, True])
+def test_hard_write_gate_keeps_or_replaces_the_fam(
+    parallel_blocks, monkeypatch
+):
+    # All attention on the FAM's own keys: the gate stays closed and the
+    # FAM leaves every block exactly as it came in (any number of blocks).
+    # None on them: the gate is open and the layer is the ungated one.
+    x = _inputs(2, 16, seed=5)
+    gated = _layer(fam_write_gate="hard", parallel_blocks=parallel_blocks)
+    plain = _layer(parallel_blocks=parallel_blocks)
+    plain.set_weights(gated.get_weights())
+    initial = weights_by_path(gated)["initial_fam"]
+    for share, expected in ((1.0, None), (0.0, plain)):
+        monkeypatch.setattr(
+            dispatch,
+            "attention_mass",
+            lambda query, *args, share=share: ops.full(
+                ops.shape(query)[:2], share
+            ),
+        )
+        outputs, fam = gated(x, return_fam=True)
+        if expected is None:
+            np.testing.assert_array_equal(
+                to_numpy(fam), np.broadcast_to(initial, fam.shape)
+            )
+        else:
+            want, want_fam = expected(x, return_fam=True)
+            # before + 1 * (after - before): equal up to rounding.
+            np.testing.assert_allclose(
+                to_numpy(fam), to_numpy(want_fam), atol=1e-5
+            )
+            np.testing.assert_allclose(
+                to_numpy(outputs), to_numpy(want), atol=1e-5
+            )
 
 
 def _compiled_step(layer):
@@ -770,6 +832,7 @@ VARIANTS = [
     dict(fam_length=0),
     dict(fam_length=3),
     dict(fam_normalization=True),
+    dict(fam_write_gate="soft"),
     dict(
         rope_frequency_scaling={
             "factor": 8.0,
@@ -876,6 +939,7 @@ def test_kernel_initializer_is_used():
         (dict(dropout=1.0), "dropout=1.0"),
         (dict(attention_implementation="flash"), "'flash'"),
         (dict(fam_normalization="yes"), "fam_normalization='yes'"),
+        (dict(fam_write_gate="gated"), "fam_write_gate='gated'"),
     ],
 )
 def test_bad_constructor_arguments(kwargs, message):
