@@ -47,7 +47,6 @@ from keras_fam.checks import (
     check_batch_size,
     check_bool,
     check_choice,
-    check_float,
     check_int,
     check_positive,
     check_rate,
@@ -188,12 +187,6 @@ class TransformerFAM(keras.layers.Layer):
             that the model reads without writing. `None` (the paper's
             update, every block writes in full) keeps converted checkpoints
             unchanged. Defaults to `None`.
-        fam_write_penalty: float `>= 0`. With a `fam_write_gate`, adds this
-            times the mean write share (over the batch, the FAM vectors and
-            the blocks of a training call) to the layer's losses
-            (`add_loss`, training only): a steady pull towards closed
-            gates, so the model writes where the task needs it (the key)
-            and not on every block. Defaults to `0.0`.
         **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`...).
 
     Call arguments:
@@ -274,7 +267,6 @@ class TransformerFAM(keras.layers.Layer):
         parallel_blocks=False,
         fam_normalization=False,
         fam_write_gate=None,
-        fam_write_penalty=0.0,
         qkv_bias=False,
         query_key_norm=False,
         **kwargs,
@@ -312,14 +304,6 @@ class TransformerFAM(keras.layers.Layer):
         self.fam_write_gate = check_choice(
             "fam_write_gate", fam_write_gate, FAM_WRITE_GATES
         )
-        self.fam_write_penalty = check_float(
-            "fam_write_penalty", fam_write_penalty, minimum=0.0
-        )
-        if self.fam_write_penalty and self.fam_write_gate is None:
-            raise ValueError(
-                "`fam_write_penalty` needs a `fam_write_gate`. Received: "
-                f"fam_write_penalty={fam_write_penalty}, fam_write_gate=None"
-            )
         query_key_norm = check_bool("query_key_norm", query_key_norm)
         self.kernel_initializer = get_initializer(kernel_initializer)
         self.supports_masking = True
@@ -459,9 +443,7 @@ class TransformerFAM(keras.layers.Layer):
                 the FAM to the next block). Defaults to `0`.
 
         Returns:
-            `(rows, (key, value))`, and with `fam_rows` a third item, the
-            gate's soft write share `(B, fam_rows)` (`None` without a
-            gate): the rows after the layer, and their own
+            `(rows, (key, value))`: the rows after the layer, and their own
             keys/values (what the caller stores in memory). The residual
             stream of a step (its two adds) runs in the dtype of the carried
             FAM, float32 whatever the compute dtype (`LayerState`), so
@@ -490,14 +472,11 @@ class TransformerFAM(keras.layers.Layer):
         if self.sandwich_norm:
             fed = self.post_feedforward_norm(fed)
         rows = rows + ops.cast(self._drop(fed, keep, 1, training), residual)
-        if not fam_rows:
-            return rows, (key, value)
-        write = None
-        if self.fam_write_gate is not None:
-            rows, write = self._gate_fam(
+        if fam_rows and self.fam_write_gate is not None:
+            rows = self._gate_fam(
                 rows, previous, query, all_keys, mask, columns, fam_rows
             )
-        return rows, (key, value), write
+        return rows, (key, value)
 
     def _gate_fam(self, rows, previous, query, keys, mask, columns, count):
         """`fam_write_gate`: scale each FAM vector's update by the share of
@@ -512,7 +491,7 @@ class TransformerFAM(keras.layers.Layer):
             float(scale),
             attention.logit_soft_cap,
         )
-        share = write = 1.0 - on_fam
+        write = 1.0 - on_fam
         if self.fam_write_gate == "hard":
             # Forward: write all or nothing, so a closed gate keeps the
             # FAM exactly over any number of blocks. Backward: the soft
@@ -522,13 +501,7 @@ class TransformerFAM(keras.layers.Layer):
         write = ops.cast(write[:, :, None], rows.dtype)
         before = previous[:, :count]
         fam = before + write * (rows[:, :count] - before)
-        return ops.concatenate([fam, rows[:, count:]], axis=1), share
-
-    def _penalize_writes(self, write, training):
-        """`fam_write_penalty` times the mean write share, as a layer loss
-        (training only)."""
-        if training and self.fam_write_penalty and write is not None:
-            self.add_loss(self.fam_write_penalty * ops.mean(write))
+        return ops.concatenate([fam, rows[:, count:]], axis=1)
 
     def _carried_fam(self, fam):
         """The updated FAM as carried to the next block: unit RMS per vector
@@ -589,7 +562,7 @@ class TransformerFAM(keras.layers.Layer):
             )
 
         fam = carry["fam"]
-        rows, (key, value), write = self.step(
+        rows, (key, value) = self.step(
             ops.concatenate([fam, ops.cast(inputs["x"], fam.dtype)], axis=1),
             ops.add(inputs["start"], self._row_offsets),
             keys,
@@ -604,10 +577,7 @@ class TransformerFAM(keras.layers.Layer):
             "memory_value": roll(carry["memory_value"], value[:, fam_length:]),
             "memory_mask": roll(carry["memory_mask"], inputs["mask"]),
         }
-        outputs = ops.cast(rows[:, fam_length:], self.compute_dtype)
-        if write is None:
-            return carry, outputs
-        return carry, (outputs, ops.mean(write, axis=-1))
+        return carry, ops.cast(rows[:, fam_length:], self.compute_dtype)
 
     def _run_blocks(self, x, mask, state, training):
         """Whole blocks through the fused step, looped by `dispatch.scan`."""
@@ -631,18 +601,12 @@ class TransformerFAM(keras.layers.Layer):
             xs["keep"] = keep
         carry_keys = ("fam", "memory_key", "memory_value", "memory_mask")
         carry = {key: state[key] for key in carry_keys}
-        ys_like = ops.zeros_like(blocks[0])
-        if self.fam_length and self.fam_write_gate is not None:
-            ys_like = (ys_like, ops.zeros_like(blocks[0][:, 0, 0], "float32"))
         carry, ys = dispatch.scan(
             lambda c, inputs: self._block_step(c, inputs, training),
             carry,
             xs,
-            ys_like=ys_like,
+            ys_like=ops.zeros_like(blocks[0]),
         )
-        if isinstance(ys, (tuple, list)):
-            ys, write = ys
-            self._penalize_writes(write, training)
         outputs = ops.reshape(
             ops.transpose(ys, (1, 0, 2, 3)), (-1, num_blocks * size, width)
         )
@@ -721,7 +685,7 @@ class TransformerFAM(keras.layers.Layer):
                         ops.concatenate([fam_mask, inputs["mask"]], axis=1),
                     )
 
-                fam, fam_key_value, write = self.step(
+                fam, fam_key_value = self.step(
                     fam,
                     self._fam_positions(inputs["start"], 0),
                     keys,
@@ -731,9 +695,7 @@ class TransformerFAM(keras.layers.Layer):
                     training=training,
                     fam_rows=fam_length,
                 )
-                if write is None:
-                    return self._carried_fam(fam), fam_key_value
-                return self._carried_fam(fam), (*fam_key_value, write)
+                return self._carried_fam(fam), fam_key_value
 
             xs = {
                 "key": block_major(blocks(key)),
@@ -746,13 +708,9 @@ class TransformerFAM(keras.layers.Layer):
             if keep is not None:
                 xs["keep"] = tuple(k[:, :, :fam_length] for k in keep)
             key_like = ops.zeros_like(state["fam_key"])
-            ys_like = (key_like, key_like)
-            if self.fam_write_gate is not None:
-                ys_like += (ops.zeros_like(fam[:, :, 0], "float32"),)
-            fam, (fam_keys, fam_values, *write) = dispatch.scan(
-                fam_step, fam, xs, ys_like=ys_like
+            fam, (fam_keys, fam_values) = dispatch.scan(
+                fam_step, fam, xs, ys_like=(key_like, key_like)
             )
-            self._penalize_writes(write[0] if write else None, training)
             fam_keys = ops.moveaxis(fam_keys, 0, 1)  # (B, n, F, G, H)
             fam_values = ops.moveaxis(fam_values, 0, 1)
 
@@ -885,7 +843,7 @@ class TransformerFAM(keras.layers.Layer):
         fam = state["fam"]
         block_start = state["index"] - self.block_size
         if self.fam_length:
-            fam, _, _ = self.step(
+            fam, _ = self.step(
                 fam,
                 self._fam_positions(block_start, state["position_offset"]),
                 lambda key, value: (keys, values, key_mask),
@@ -1261,7 +1219,6 @@ class TransformerFAM(keras.layers.Layer):
             "parallel_blocks": self.parallel_blocks,
             "fam_normalization": self.fam_normalization,
             "fam_write_gate": self.fam_write_gate,
-            "fam_write_penalty": self.fam_write_penalty,
         }
 
 

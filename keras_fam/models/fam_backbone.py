@@ -164,9 +164,6 @@ class FAMBackbone(Backbone):
             its FAM update by the share of the FAM's attention on the block
             (`TransformerFAM`'s `fam_write_gate`; not in the paper; no
             weights). Defaults to `None` (the paper's update).
-        fam_write_penalty: float. With a gate, a training loss of this
-            times the mean write share of every layer (`TransformerFAM`'s
-            `fam_write_penalty`). Defaults to `0.0`.
         state_passing_probability: float. Random State Passing probability
             (training only). Defaults to `0.0` (off).
         training_streams: int or `None`. Train on this many parallel

@@ -493,40 +493,6 @@ def test_hard_write_gate_keeps_or_replaces_the_fam(
             )
 
 
-def test_write_penalty_is_a_training_loss_of_the_mean_write_share():
-    # The same weights through both block paths: the same loss, equal to
-    # the penalty times the mean soft share the gate used; none outside
-    # training.
-    x = _inputs(2, 16, seed=6)
-    shares = []
-    original = dispatch.attention_mass
-
-    def recording(*args, **kwargs):
-        mass = original(*args, **kwargs)
-        shares.append(1.0 - to_numpy(mass))
-        return mass
-
-    losses = []
-    for parallel_blocks in (False, True):
-        layer = _layer(
-            fam_write_gate="hard",
-            fam_write_penalty=0.5,
-            parallel_blocks=parallel_blocks,
-        )
-        layer(x)
-        assert not layer.losses
-        shares.clear()
-        dispatch.attention_mass = recording
-        try:
-            layer(x, training=True)
-        finally:
-            dispatch.attention_mass = original
-        (loss,) = layer.losses
-        losses.append(float(to_numpy(loss)))
-        np.testing.assert_allclose(losses[-1], 0.5 * np.mean(shares), rtol=1e-5)
-    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
-
-
 def _compiled_step(layer):
     """`(state, tokens, mask) -> (outputs, state)` compiled so that the
     state's position is a run-time value."""
@@ -974,11 +940,6 @@ def test_kernel_initializer_is_used():
         (dict(attention_implementation="flash"), "'flash'"),
         (dict(fam_normalization="yes"), "fam_normalization='yes'"),
         (dict(fam_write_gate="gated"), "fam_write_gate='gated'"),
-        (dict(fam_write_penalty=0.1), "needs a `fam_write_gate`"),
-        (
-            dict(fam_write_gate="soft", fam_write_penalty=-1),
-            "fam_write_penalty=-1",
-        ),
     ],
 )
 def test_bad_constructor_arguments(kwargs, message):
