@@ -346,7 +346,7 @@ def base_config(args):
         "base_heads": args.base_heads,
         "base_max_steps": args.base_max_steps,
         "vocabulary_size": args.vocabulary_size,
-        "seed": args.seed,
+        "seed": args.base_seed,
         "backend": keras.backend.backend(),
     }
 
@@ -400,8 +400,8 @@ def build_base_preset(args):
             return report
         print(f"Base preset: {path} was built with other flags; rebuilding")
     start = time.time()
-    keras.utils.set_random_seed(args.seed)
-    tokenizer = train_tokenizer(args.vocabulary_size, args.seed)
+    keras.utils.set_random_seed(args.base_seed)
+    tokenizer = train_tokenizer(args.vocabulary_size, args.base_seed)
     task = PassKeyTask(tokenizer, args.key_digits)
     width = args.base_hidden_dim
     backbone = keras_hub.models.LlamaBackbone(
@@ -421,9 +421,9 @@ def build_base_preset(args):
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         weighted_metrics=[],
     )
-    rng = np.random.default_rng(args.seed)
+    rng = np.random.default_rng(args.base_seed)
     held_out = held_out_set(
-        task, np.random.default_rng(args.seed + 7), 200, args.base_context
+        task, np.random.default_rng(args.base_seed + 7), 200, args.base_context
     )
     steps, accuracy, log = 0, 0.0, []
     print(
@@ -447,7 +447,10 @@ def build_base_preset(args):
         lm,
         task,
         *held_out_set(
-            task, np.random.default_rng(args.seed + 8), 500, args.base_context
+            task,
+            np.random.default_rng(args.base_seed + 8),
+            500,
+            args.base_context,
         ),
     )
     preprocessor = keras_hub.models.LlamaCausalLMPreprocessor(
@@ -502,6 +505,7 @@ def compile_for_fine_tuning(lm, args, steps):
 
 def fine_tune_fam(args, task):
     """FAM from the base preset, LoRA, `fit` on streamed episodes."""
+    gate = None if args.fam_write_gate == "none" else args.fam_write_gate
     lm = FAMCausalLM.from_preset(
         args.base_preset,
         preprocessor=None,
@@ -509,6 +513,7 @@ def fine_tune_fam(args, task):
         memory_segments=args.fam_memory_segments,
         fam_length=args.fam_length,
         fam_normalization=args.fam_normalization,
+        fam_write_gate=gate,
         training_streams=args.batch_size,
     )
     lm.backbone.enable_lora(args.lora_rank)
@@ -731,7 +736,12 @@ def parse_args(argv=None):
     )
     add = parser.add_argument
     add("--output-dir", default="passkey_results", help="Output folder.")
-    add("--seed", type=int, default=0)
+    add(
+        "--seed",
+        type=int,
+        default=0,
+        help="Seed of fine-tuning and evaluation (the base has its own).",
+    )
     add("--key-digits", type=int, default=5, help="Digits of the key.")
     add("--verbose", type=int, default=1, help="fit's verbosity.")
     # Base model.
@@ -741,6 +751,7 @@ def parse_args(argv=None):
         help="Where the base preset is cached (built when missing).",
     )
     add("--rebuild-base", action="store_true", help="Rebuild the base.")
+    add("--base-seed", type=int, default=0, help="Seed of the base model.")
     add("--vocabulary-size", type=int, default=256)
     add("--base-context", type=int, default=128, help="Base context length.")
     add("--base-hidden-dim", type=int, default=64)
@@ -764,12 +775,19 @@ def parse_args(argv=None):
         default=True,
         help="Rescale the carried FAM to unit RMS after every block.",
     )
+    add(
+        "--fam-write-gate",
+        choices=("none", "soft", "hard"),
+        default="hard",
+        help="Scale each FAM update by the FAM's attention share on the "
+        "block (`fam_write_gate`; hard: write all or nothing).",
+    )
     add("--lora-rank", type=int, default=16)
     add("--learning-rate", type=float, default=5e-3)
     add("--batch-size", type=int, default=32)
     add("--epochs", type=int, default=4, help="Progress-bar epochs.")
-    add("--train-length", type=int, default=576, help="Training segment.")
-    add("--longest-filler", type=int, default=480)
+    add("--train-length", type=int, default=192, help="Training segment.")
+    add("--longest-filler", type=int, default=96)
     add(
         "--digit-curriculum-steps",
         type=int,
@@ -817,7 +835,7 @@ def parse_args(argv=None):
         "--eval-lengths",
         type=int,
         nargs="+",
-        default=[0, 64, 128, 480, 1024, 9216, 65536, 262144],
+        default=[0, 32, 96, 1024, 3072, 16384, 65536, 262144],
         help="Filler lengths to evaluate.",
     )
     add(
