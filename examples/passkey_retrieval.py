@@ -52,17 +52,23 @@ copying circuit forms; it then scores 0.996 on 500 fresh in-context
 sequences. FAM: block 32, no memory segment (the paper's PassKey
 setting: the key, in the prompt's second block, never shares a window
 with the answer, so the answer must come from the memory), 16 FAM
-vectors, FAM normalisation, LoRA rank 16 (about 62k trainable weights of
-the model's ~165k), AdamW 5e-3 with cosine decay, 1,500 steps of 32
-streams x 576 tokens, every episode a stream of its own that starts a
-segment from the initial FAM (`streamed_dataset(...,
-document_resets=True)`: as every evaluation sequence does, and as the
-paper's fine-tuning sequences each started with the prompt), and a
-curriculum: keys of 1 digit for 100 steps, one more digit every 100 steps
-(each episode draws its key length up to the current bound), fillers up
-to 40 tokens until all 5 digits are in, then the longest filler grows to
-480 over 600 steps (an episode then still fits one segment, so the
-gradient reaches from the answer back to where the key was written).
+vectors, FAM normalisation, the hard FAM write gate (`fam_write_gate=
+"hard"`: a FAM vector is updated at a block boundary only when most of
+its attention went to the block rather than to the FAM itself, else
+carried exactly), LoRA rank 16 (about 62k trainable weights of the
+model's ~165k), AdamW 5e-3 with cosine decay, 1,500 steps of 32 streams
+x 192 tokens, every episode a stream of its own that starts a segment
+from the initial FAM (`streamed_dataset(..., document_resets=True)`: as
+every evaluation sequence does, and as the paper's fine-tuning sequences
+each started with the prompt), and a curriculum: keys of 1 digit for 100
+steps, one more digit every 100 steps (each episode draws its key length
+up to the current bound), fillers up to 40 tokens until all 5 digits are
+in, then the longest filler grows to 96 over 600 steps (an episode still
+fits one segment, so the gradient reaches from the answer back to where
+the key was written). Short episodes suffice when the gate latches: a
+closed gate holds the key over any number of blocks, so nothing is
+gained from training on the long fillers that the ungated memory needed
+(576-token episodes took 2.3x the time per step).
 
 Status (issue 9, shared 2-core CPU at load average ~2): the pipeline runs
 end to end; inside the trained range of fillers FAM reads most 5-digit
