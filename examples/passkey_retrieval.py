@@ -13,7 +13,8 @@ public API of keras_fam and KerasHub:
    does any change of its flags. Its exact-match accuracy on keys inside its
    context is measured and kept in the JSON.
 2. **FAM.** `FAMCausalLM.from_preset(base, block_size=..., memory_segments=0,
-   fam_length=..., fam_normalization=True, training_streams=...)`, then
+   fam_length=..., fam_normalization=True, fam_write_gate="hard",
+   training_streams=...)`, then
    `backbone.enable_lora(rank)`: the trainable weights are the LoRA
    adapters and the summary embeddings only (printed). `fit` trains on
    streams from `keras_fam.training.streamed_dataset`: every batch row
@@ -70,12 +71,15 @@ closed gate holds the key over any number of blocks, so nothing is
 gained from training on the long fillers that the ungated memory needed
 (576-token episodes took 2.3x the time per step).
 
-Status (issue 9, shared 2-core CPU at load average ~2): the pipeline runs
-end to end; inside the trained range of fillers FAM reads most 5-digit
-keys beyond every BSWA window, beyond that range none. Default run: exact
-match 0.96 / 0.94 / 0.85 / 0.58 / 0.06 / 0.00 / 0.00 / 0.00 at filler
-0 / 64 / 128 / 480 / 1024 / 9216 / 65536 / 262144
-(BSWA: 0.00 beyond its field); FAM fit 1163 s. What we
+Status (issue 9, shared 2-core CPU): the pipeline runs end to end;
+inside the trained range of fillers FAM reads most 5-digit keys beyond
+every BSWA window; beyond it, with the write gate, a few (chance is
+1e-5). Default run (three runs at once, load ~4-5): exact match 0.97 /
+0.93 / 0.61 / 0.09 / 0.06 / 0.05 / 0.04 / 0.10 at filler 0 / 32 / 96 /
+1k / 3k / 16k / 64k / 262k (100 sequences per length, 20 at 262k; BSWA
+0.00 beyond its field); FAM fit 1,251 s. The same flags with `--seed 1`:
+1.00 / 0.96 / 0.28, then 0.00; `--seed 2`: 0.90 / 0.18 / 0.19 / 0.07 /
+0.06 / 0.12 / 0.11 / 0.00. What we
 measured, in order (LoRA rank 16 unless said; exact match on held-out
 sequences; 5-digit keys unless said):
 - Without the key curriculum nothing beyond the window is learned: block
@@ -108,11 +112,11 @@ sequences; 5-digit keys unless said):
   same with fillers up to 480 (episodes of up to 576 tokens, 18 blocks,
   back-propagated whole; 1,500 steps, 1,221 s at load ~1): 1.00 at filler
   0 / 128 / 256 / 480 (100 sequences each), 0.03 at 1k, 0.00 at 4k. So
-  every trained distance is read perfectly; these are the defaults now
-  (the default run, through `fit` on streams, drew 0.96 / 0.94 / 0.85 /
-  0.58 at 0 / 64 / 128 / 480).
-- Distance is what is missing: no run holds the key over more blocks than
-  it was trained on. The memory's own dynamics explain part of it: the
+  every trained distance is read perfectly; these were the previous
+  defaults (their run, through `fit` on streams, drew 0.96 / 0.94 /
+  0.85 / 0.58 at 0 / 64 / 128 / 480, and 0.00 from 9k).
+- Ungated, distance is what is missing: no run holds the key over more
+  blocks than it was trained on. The memory's own dynamics explain part of it: the
   spread of the carried FAM across 8 keys (same filler), relative to the
   FAM's size, shows how much of the key it still holds. In the converted,
   untrained model it falls from 0.034 / 0.097 (layers 0 / 1) at 96 tokens
@@ -128,12 +132,34 @@ sequences; 5-digit keys unless said):
   and 0.00 from 1k, with layer 0's key spread gone by 2k tokens and layer
   1's growing to 0.6 (the trained memory diverges instead of holding). So
   neither option is in the library.
-- What it would take: a memory that learns to latch (writes for the key,
-  near-zero updates for filler) needs training signal over many blocks:
-  longer episodes with backpropagation through them (the paper fine-tunes
-  on 2k-18k-token fillers for 5k steps), and probably a deeper or wider
-  base (the paper's smallest is 1B parameters). On this 2-core CPU a step
-  of 32 x 576 tokens takes 0.7-0.8 s, so that budget is out of reach here.
+- **The write gate latches, when it is learned.** `fam_write_gate=
+  "hard"` updates a FAM vector only when most of its attention went to
+  the block (not to the FAM): a closed gate carries the FAM exactly, so
+  whatever the model stops writing on filler blocks it holds at any
+  distance. Padded single episodes outside `fit` (as above, fillers to
+  224, 1,200 steps): 0.63 / 0.67 / 0.67 at 0 / 128 / 224 and **0.62 /
+  0.74 / 0.61 at 1k / 4k / 16k** (flat: the first run ever to read keys
+  beyond its training range); fillers to 96, 1,500 steps: 1.00 / 0.91 at
+  0 / 96, **0.59 / 0.63 at 1k / 16k**. In that model every one of layer
+  1's 16 FAM vectors stays closed on every filler block from the 7th
+  block on; 4 of layer 0's write on every block. But it is a draw: the
+  same with fillers to 224 and 1,800 steps read 0.99 / 0.83 in range and
+  0.01 at 1k (3 of layer 1's 16 vectors open on every third filler
+  block, the filler's period, and the key leaks away), and through `fit`
+  (the defaults) 2 of 4 runs read nothing beyond the range, the others
+  0.04-0.12. The soft gate (`"soft"`, the share itself) does not latch:
+  0.92 / 0.84 / 0.46 at 0 / 128 / 224, 0.00 from 1k. A loss on the mean
+  write share (0.0003-0.01 per unit, tried to pull gates closed) stopped
+  all learning: per-digit accuracy at chance after 700 steps (Adam takes
+  full-size steps along a steady gradient however small its weight), so
+  it is not in the library.
+- What it would take: making the latch certain rather than a draw. The
+  leaks are a few FAM vectors that open on some phases of the filler;
+  training on longer fillers (more phases, each leak costing more) or a
+  per-layer gate are the next things to try, then more steps (in-range
+  accuracy was still rising at 1,500 steps in every gated run). The
+  paper fine-tunes 1B+ models on 2k-18k-token fillers for 5k steps; on
+  this 2-core CPU a step of 32 x 192 tokens takes ~0.35-0.8 s.
 """
 
 import argparse
