@@ -69,7 +69,7 @@ fits one segment, so the gradient reaches from the answer back to where
 the key was written). Short episodes suffice when the gate latches: a
 closed gate holds the key over any number of blocks, so nothing is
 gained from training on the long fillers that the ungated memory needed
-(576-token episodes took 2.3x the time per step).
+(576-token episodes cost three times the tokens per step).
 
 Status (issue 9, shared 2-core CPU): the pipeline runs end to end;
 inside the trained range of fillers FAM reads most 5-digit keys beyond
@@ -159,7 +159,8 @@ sequences; 5-digit keys unless said):
   per-layer gate are the next things to try, then more steps (in-range
   accuracy was still rising at 1,500 steps in every gated run). The
   paper fine-tunes 1B+ models on 2k-18k-token fillers for 5k steps; on
-  this 2-core CPU a step of 32 x 192 tokens takes ~0.35-0.8 s.
+  this 2-core CPU a step of 32 x 192 tokens took 0.5-0.8 s with one or
+  two other runs sharing it.
 """
 
 import argparse
