@@ -55,6 +55,14 @@ def attention_reference(query, key, value, mask, scale, logit_soft_cap=None):
         `(B, Q, N, H)` tensor in the dtype of `query`.
     """
     batch, length, heads, head_dim = ops.shape(query)
+    probs = _probabilities(query, key, mask, scale, logit_soft_cap)
+    out = ops.einsum("bgnqk,bkgh->bqgnh", ops.cast(probs, value.dtype), value)
+    return ops.reshape(out, (batch, length, heads, head_dim))
+
+
+def _probabilities(query, key, mask, scale, logit_soft_cap):
+    """float32 attention weights `(B, G, N // G, Q, K)`."""
+    batch, length, heads, head_dim = ops.shape(query)
     groups = ops.shape(key)[2]
     query = ops.reshape(
         query, (batch, length, groups, heads // groups, head_dim)
@@ -64,9 +72,7 @@ def attention_reference(query, key, value, mask, scale, logit_soft_cap=None):
     if logit_soft_cap is not None:
         logits = ops.tanh(logits / logit_soft_cap) * logit_soft_cap
     logits = ops.where(mask[:, None, None, :, :], logits, -1e30)
-    probs = ops.cast(ops.softmax(logits, axis=-1), value.dtype)
-    out = ops.einsum("bgnqk,bkgh->bqgnh", probs, value)
-    return ops.reshape(out, (batch, length, heads, head_dim))
+    return ops.softmax(logits, axis=-1)
 
 
 def attention_mass(query, key, mask, columns, scale, logit_soft_cap=None):
@@ -81,17 +87,8 @@ def attention_mass(query, key, mask, columns, scale, logit_soft_cap=None):
         float32 `(B, Q)`: the softmax mass on `columns`, averaged over the
         query heads.
     """
-    batch, length, heads, head_dim = ops.shape(query)
-    groups = ops.shape(key)[2]
-    query = ops.reshape(
-        query, (batch, length, groups, heads // groups, head_dim)
-    )
-    logits = ops.einsum("bqgnh,bkgh->bgnqk", query, key)
-    logits = ops.cast(logits, "float32") * scale
-    if logit_soft_cap is not None:
-        logits = ops.tanh(logits / logit_soft_cap) * logit_soft_cap
-    logits = ops.where(mask[:, None, None, :, :], logits, -1e30)
-    probs = ops.softmax(logits, axis=-1)
+    batch, length, heads, _ = ops.shape(query)
+    probs = _probabilities(query, key, mask, scale, logit_soft_cap)
     mass = ops.sum(ops.where(columns, probs, 0.0), axis=-1)  # (B, G, n, Q)
     return ops.mean(ops.reshape(mass, (batch, heads, length)), axis=1)
 
