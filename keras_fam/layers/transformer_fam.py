@@ -190,11 +190,12 @@ class TransformerFAM(keras.layers.Layer):
             converted 2-layer Llama, LoRA, 5-digit keys, trained on fillers
             of up to 96-224 tokens): ungated, every trained filler is read
             (up to 1.00) and nothing beyond (0.03 at 1k, 0.00 at 4k); soft,
-            the same (0.00 beyond); hard, in 2 of 4 runs the model learned
-            to close its gates on the filler and read the key the same at
-            any distance (0.59-0.74 from 1k to 16k filler tokens, flat),
-            in the other two it left a few FAM vectors writing on some
-            filler blocks and read nothing beyond the trained range.
+            the same (0.00 beyond); hard, outside `fit` 2 of 3 runs
+            learned to close the gates on the filler and read the key the
+            same at any distance (0.59-0.74 from 1k to 16k filler tokens,
+            flat), the third left a few FAM vectors writing on some filler
+            blocks and read nothing beyond the trained range; through `fit`
+            2 of 4 runs read 0.04-0.12 beyond it and 2 nothing.
             Defaults to `None`.
         **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`...).
 
