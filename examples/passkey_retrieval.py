@@ -116,22 +116,23 @@ sequences; 5-digit keys unless said):
   defaults (their run, through `fit` on streams, drew 0.96 / 0.94 /
   0.85 / 0.58 at 0 / 64 / 128 / 480, and 0.00 from 9k).
 - Ungated, distance is what is missing: no run holds the key over more
-  blocks than it was trained on. The memory's own dynamics explain part of it: the
-  spread of the carried FAM across 8 keys (same filler), relative to the
-  FAM's size, shows how much of the key it still holds. In the converted,
-  untrained model it falls from 0.034 / 0.097 (layers 0 / 1) at 96 tokens
-  to 0.006 / 0.005 at 1,120: every FAM update adds an update of 0.2-0.8x
-  the FAM's own size, so the key fades in ~30 blocks. Carrying the FAM at
-  a larger RMS (`r`: the same as scaling each update by `1 / r`, since
-  every use of the FAM is normalised) slows that: at r = 16 the spread
-  falls only from 0.0024 / 0.006 to 0.0007 / 0.0038 at 8,288 tokens, at
-  r = 64 from 0.0006 / 0.0015 to 0.0005 / 0.0012. But the imprint is r
-  times smaller: at r = 16 from the start LoRA learned nothing in 500
-  steps (per-digit accuracy at chance), and growing r from 1 to 16 during
-  training (steps 500-1,300) ended at 0.79 / 0.36 / 0.15 at 0 / 128 / 256
-  and 0.00 from 1k, with layer 0's key spread gone by 2k tokens and layer
-  1's growing to 0.6 (the trained memory diverges instead of holding). So
-  neither option is in the library.
+  blocks than it was trained on. The memory's own dynamics explain part
+  of it: the spread of the carried FAM across 8 keys (same filler),
+  relative to the FAM's size, shows how much of the key it still holds.
+  In the converted, untrained model it falls from 0.034 / 0.097 (layers
+  0 / 1) at 96 tokens to 0.006 / 0.005 at 1,120: every FAM update adds
+  an update of 0.2-0.8x the FAM's own size, so the key fades in ~30
+  blocks. Carrying the FAM at a larger RMS (`r`: the same as scaling
+  each update by `1 / r`, since every use of the FAM is normalised)
+  slows that: at r = 16 the spread falls only from 0.0024 / 0.006 to
+  0.0007 / 0.0038 at 8,288 tokens, at r = 64 from 0.0006 / 0.0015 to
+  0.0005 / 0.0012. But the imprint is r times smaller: at r = 16 from
+  the start LoRA learned nothing in 500 steps (per-digit accuracy at
+  chance), and growing r from 1 to 16 during training (steps 500-1,300)
+  ended at 0.79 / 0.36 / 0.15 at 0 / 128 / 256 and 0.00 from 1k, with
+  layer 0's key spread gone by 2k tokens and layer 1's growing to 0.6
+  (the trained memory diverges instead of holding). So neither option is
+  in the library.
 - **The write gate latches, when it is learned.** `fam_write_gate=
   "hard"` updates a FAM vector only when most of its attention went to
   the block (not to the FAM): a closed gate carries the FAM exactly, so
@@ -146,13 +147,14 @@ sequences; 5-digit keys unless said):
   same with fillers to 224 and 1,800 steps read 0.99 / 0.83 in range and
   0.01 at 1k (3 of layer 1's 16 vectors open on every third filler
   block, the filler's period, and the key leaks away), and through `fit`
-  (the defaults) 2 of 4 runs read nothing beyond the range, the others
-  0.04-0.12. The soft gate (`"soft"`, the share itself) does not latch:
-  0.92 / 0.84 / 0.46 at 0 / 128 / 224, 0.00 from 1k. A loss on the mean
-  write share (0.0003-0.01 per unit, tried to pull gates closed) stopped
-  all learning: per-digit accuracy at chance after 700 steps (Adam takes
-  full-size steps along a steady gradient however small its weight), so
-  it is not in the library.
+  (the defaults) 3 of 5 runs read nothing beyond the range, the others
+  0.04-0.12 (the default command alone on the CPU: 786 s wall with the
+  base cached, FAM fit 513 s). The soft gate (`"soft"`, the share
+  itself) does not latch: 0.92 / 0.84 / 0.46 at 0 / 128 / 224, 0.00 from
+  1k. A loss on the mean write share (0.0003-0.01 per unit, tried to
+  pull gates closed) stopped all learning: per-digit accuracy at chance
+  after 700 steps (Adam takes full-size steps along a steady gradient
+  however small its weight), so it is not in the library.
 - What it would take: making the latch certain rather than a draw. The
   leaks are a few FAM vectors that open on some phases of the filler;
   training on longer fillers (more phases, each leak costing more) or a

@@ -195,7 +195,7 @@ class TransformerFAM(keras.layers.Layer):
             same at any distance (0.59-0.74 from 1k to 16k filler tokens,
             flat), the third left a few FAM vectors writing on some filler
             blocks and read nothing beyond the trained range; through `fit`
-            2 of 4 runs read 0.04-0.12 beyond it and 2 nothing.
+            2 of 5 runs read 0.04-0.12 beyond it and 3 nothing.
             Defaults to `None`.
         **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`...).
 
