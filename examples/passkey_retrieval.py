@@ -74,7 +74,7 @@ gained from training on the long fillers that the ungated memory needed
 Status (issue 9, shared 2-core CPU): the pipeline runs end to end;
 inside the trained range of fillers FAM reads most 5-digit keys beyond
 every BSWA window; beyond it, with the write gate, a few (chance is
-1e-5). Default run (three runs at once, load ~4-5): exact match 0.97 /
+1e-5). Default run (three runs at once, load 5.8): exact match 0.97 /
 0.93 / 0.61 / 0.09 / 0.06 / 0.05 / 0.04 / 0.10 at filler 0 / 32 / 96 /
 1k / 3k / 16k / 64k / 262k (100 sequences per length, 20 at 262k; BSWA
 0.00 beyond its field); FAM fit 1,251 s. The same flags with `--seed 1`:

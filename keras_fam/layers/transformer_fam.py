@@ -178,13 +178,15 @@ class TransformerFAM(keras.layers.Layer):
             vector's update at a block boundary by its write share, the
             attention mass (averaged over heads) that the vector's query
             put on the block's tokens rather than on the FAM's own keys:
-            `fam + share * (updated - fam)`. No weights: the share comes
-            from the attention the layer computes anyway, so a model learns
-            when to write by where its FAM queries look. `"hard"` writes all
-            (share > 0.5) or nothing in the forward pass, with the soft
-            share's gradient (straight-through); a closed gate carries the
-            FAM exactly, so what it holds survives any number of blocks
-            that the model reads without writing. `None` (the paper's
+            `fam + share * (updated - fam)`. No weights: the share is read
+            from the FAM queries' own attention (its softmax is computed
+            again beside the fused kernel, which returns no weights: F x K
+            logits per block, small next to the block's attention), so a
+            model learns when to write by where its FAM queries look.
+            `"hard"` writes all (share > 0.5) or nothing in the forward
+            pass, with the soft share's gradient (straight-through); a
+            closed gate carries the FAM exactly, so what it holds survives
+            any number of blocks that the model reads without writing. `None` (the paper's
             update, every block writes in full) keeps converted checkpoints
             unchanged. Evidence (`examples/passkey_retrieval.py`, a
             converted 2-layer Llama, LoRA, 5-digit keys, trained on fillers
