@@ -174,31 +174,30 @@ class TransformerFAM(keras.layers.Layer):
             (float64 in a float64 layer) whatever the compute dtype, so
             under bfloat16 the memory does not freeze. Defaults to
             `False`.
-        fam_write_gate: `None`, `"soft"` or `"hard"`. Scales each FAM
-            vector's update at a block boundary by its write share, the
-            attention mass (averaged over heads) that the vector's query
-            put on the block's tokens rather than on the FAM's own keys:
-            `fam + share * (updated - fam)`. No weights: the share is read
-            from the FAM queries' own attention (its softmax is computed
-            again beside the fused kernel, which returns no weights: F x K
-            logits per block, small next to the block's attention), so a
-            model learns when to write by where its FAM queries look.
-            `"hard"` writes all (share > 0.5) or nothing in the forward
-            pass, with the soft share's gradient (straight-through); a
-            closed gate carries the FAM exactly, so what it holds survives
-            any number of blocks that the model reads without writing. `None` (the paper's
-            update, every block writes in full) keeps converted checkpoints
-            unchanged. Evidence (`examples/passkey_retrieval.py`, a
-            converted 2-layer Llama, LoRA, 5-digit keys, trained on fillers
-            of up to 96-224 tokens): ungated, every trained filler is read
-            (up to 1.00) and nothing beyond (0.03 at 1k, 0.00 at 4k); soft,
-            the same (0.00 beyond); hard, outside `fit` 2 of 3 runs
-            learned to close the gates on the filler and read the key the
-            same at any distance (0.59-0.74 from 1k to 16k filler tokens,
-            flat), the third left a few FAM vectors writing on some filler
-            blocks and read nothing beyond the trained range; through `fit`
-            2 of 5 runs read 0.04-0.12 beyond it and 3 nothing.
-            Defaults to `None`.
+        fam_write_gate: `None`, `"soft"` or `"hard"`. Scales each FAM vector's
+            update at a block boundary by its write share, the attention mass
+            (averaged over heads) that the vector's query put on the block's
+            tokens rather than on the FAM's own keys: `fam + share * (updated -
+            fam)`. No weights: the share is read from the FAM queries' own
+            attention (its softmax is computed again beside the fused kernel,
+            which returns no weights: F x K logits per block, small next to the
+            block's attention), so a model learns when to write by where its
+            FAM queries look. `"hard"` writes all (share > 0.5) or nothing in
+            the forward pass, with the soft share's gradient
+            (straight-through); a closed gate carries the FAM exactly, so what
+            it holds survives any number of blocks that the model reads without
+            writing. `None` (the paper's update, every block writes in full)
+            keeps converted checkpoints unchanged. Evidence
+            (`examples/passkey_retrieval.py`, a converted 2-layer Llama, LoRA,
+            5-digit keys, trained on fillers of up to 96-224 tokens): ungated,
+            every trained filler is read (up to 1.00) and nothing beyond (0.03
+            at 1k, 0.00 at 4k); soft, the same (0.00 beyond); hard, outside
+            `fit` 2 of 3 runs learned to close the gates on the filler and read
+            the key the same at any distance (0.59-0.74 from 1k to 16k filler
+            tokens, flat), the third left a few FAM vectors writing on some
+            filler blocks and read nothing beyond the trained range; through
+            `fit` 2 of 5 runs read 0.04-0.12 beyond it and 3 nothing. Defaults
+            to `None`.
         **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`...).
 
     Call arguments:
