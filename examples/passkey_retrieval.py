@@ -259,16 +259,18 @@ class PassKeyTask:
         """Tokens of a sequence that are not filler."""
         return len(self.head) + len(self.question)
 
-    def filler(self, length):
-        reps = length // len(self.cycle) + 1
-        return np.tile(self.cycle, reps)[:length]
+    def filler(self, length, phase=0):
+        """`length` filler tokens, starting `phase` tokens into the cycle."""
+        reps = (length + phase) // len(self.cycle) + 1
+        return np.tile(self.cycle, reps)[phase : phase + length]
 
-    def sequence(self, key, filler_length):
+    def sequence(self, key, filler_length, phase=0):
         """`(token_ids, answer_start)` for one key (digit values)."""
         head, question = self.head.copy(), self.question.copy()
         head[self.head_key] = np.tile(self.digit_ids[key], 2)
         question[self.question_key] = self.digit_ids[key]
-        ids = np.concatenate([head, self.filler(filler_length), question])
+        filler = self.filler(filler_length, phase)
+        ids = np.concatenate([head, filler, question])
         start = len(head) + filler_length + self.question_key[0]
         return ids, start
 
@@ -289,9 +291,15 @@ class PassKeyTask:
         weights[answer_start : answer_start + self.key_digits] = 1.0
         return weights
 
-    def document_sampler(self, shortest, longest, answer_only=True, align=1):
+    def document_sampler(
+        self, shortest, longest, answer_only=True, align=1, random_phase=False
+    ):
         """`rng -> (token_ids, weights)` with a log-uniform filler length
         in `[shortest, longest]`, for `streamed_dataset`.
+
+        With `random_phase` the filler starts at a random token of its
+        cycle (evaluation always starts it at the cycle's first token), so
+        that every phase of the filler meets every block position.
 
         With `align > 1` filler follows the answer (no loss on it) up to a
         multiple of `align` tokens, so that in a stream every prompt starts
@@ -302,7 +310,8 @@ class PassKeyTask:
         def sample(rng):
             filler = sample_filler_length(rng, shortest, longest)
             key = rng.integers(0, 10, self.key_digits)
-            ids, start = self.sequence(key, filler)
+            phase = int(rng.integers(len(self.cycle))) if random_phase else 0
+            ids, start = self.sequence(key, filler, phase)
             weights = self.loss_weights(len(ids), start, answer_only)
             tail = -len(ids) % align
             ids = np.concatenate([ids, self.filler(tail)])
@@ -567,6 +576,7 @@ def fine_tune_fam(args, task):
         ),
         digit_steps=args.digit_curriculum_steps,
         first_longest=args.first_longest_filler,
+        random_phase=args.random_filler_phase,
     )
     data = streamed_dataset(
         sampler,
@@ -608,6 +618,7 @@ class CurriculumSampler:
         align,
         digit_steps=0,
         first_longest=40,
+        random_phase=False,
     ):
         self.tasks = {
             d: task.with_digits(d) for d in range(1, task.key_digits + 1)
@@ -615,6 +626,7 @@ class CurriculumSampler:
         self.key_digits = task.key_digits
         self.longest, self.first_longest = longest, first_longest
         self.align = align
+        self.random_phase = random_phase
         self.digit_steps = digit_steps
         self.curriculum_steps = curriculum_steps
         self.step = 0
@@ -638,7 +650,9 @@ class CurriculumSampler:
     def __call__(self, rng):
         most_digits, longest = self.bounds()
         task = self.tasks[int(rng.integers(1, most_digits + 1))]
-        return task.document_sampler(0, longest, align=self.align)(rng)
+        return task.document_sampler(
+            0, longest, align=self.align, random_phase=self.random_phase
+        )(rng)
 
     def callback(self):
         sampler = self
@@ -824,6 +838,12 @@ def parse_args(argv=None):
     add("--train-length", type=int, default=192, help="Training segment.")
     add("--longest-filler", type=int, default=96)
     add(
+        "--random-filler-phase",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="Start each training filler at a random token of its cycle.",
+    )
+    add(
         "--digit-curriculum-steps",
         type=int,
         default=100,
@@ -937,6 +957,12 @@ def main(argv=None):
             train_length = args.bswa_train_length
         trainable = trainable_summary(lm)
         print(f"Trainable weights: {trainable}")
+        # The fine-tuned model is the base preset with the same options plus
+        # these adapters (LoRA factors and summary embeddings), see README.
+        adapters = os.path.join(
+            args.output_dir, name.lower().replace(" ", "_") + ".lora.h5"
+        )
+        lm.backbone.save_lora_weights(adapters)
         lengths = [
             n
             for n in args.eval_lengths
@@ -964,6 +990,7 @@ def main(argv=None):
             "train_seconds": train_seconds,
             "eval_seconds": eval_seconds,
             "trainable_weights": trainable,
+            "adapters": adapters,
             "final_train_accuracy": history["sparse_categorical_accuracy"][-1],
             "accuracy": {str(n): a for n, a in accuracy.items()},
             "samples": {str(n): s for n, s in samples.items()},
