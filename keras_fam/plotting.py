@@ -10,7 +10,9 @@ def plot_passkey(results, path):
             to accuracy, `results["models"][name]["samples"]` (optional) to
             the number of sequences behind it, `results["chance"]` is the
             chance level, `results["config"]["train_length"]` (optional)
-            the training segment, `results["base"]` (optional) the base
+            the training segment, `results["config"]["longest_filler"]`
+            (optional) the longest filler trained on (streamed over several
+            segments), `results["base"]` (optional) the base
             model's accuracy inside its context.
         path: str. Where to write the PNG.
 
@@ -77,6 +79,15 @@ def plot_passkey(results, path):
             linestyle="-.",
             linewidth=0.8,
             label=f"training segment ({train_length} tokens)",
+        )
+    longest = results.get("config", {}).get("longest_filler")
+    if longest and longest != train_length:
+        axis.axvline(
+            longest,
+            color="black",
+            linestyle=(0, (1, 3)),
+            linewidth=0.8,
+            label=f"longest training filler ({longest} tokens)",
         )
     axis.set_xscale("log", base=2)
     ticks = sorted(lengths)

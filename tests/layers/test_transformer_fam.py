@@ -215,11 +215,13 @@ class NumpyTransformerFAM:
                 )
                 updated = self.residual(fam, attended)
                 # The write gate: the update scaled by the attention share
-                # on the block (all or nothing when "hard").
+                # on the block (all or nothing when "hard": open when the
+                # attention per key is higher on the block than on the FAM).
+                threshold = valid.sum() / (valid.sum() + fam_length)
                 write = {
                     None: np.ones_like(on_fam),
                     "soft": 1.0 - on_fam,
-                    "hard": (1.0 - on_fam > 0.5).astype(float),
+                    "hard": (1.0 - on_fam > threshold).astype(float),
                 }[self.fam_write_gate]
                 fam = fam + write[:, None] * (updated - fam)
                 if self.fam_normalization:  # Unit RMS per FAM vector.
@@ -490,6 +492,40 @@ def test_hard_write_gate_keeps_or_replaces_the_fam(
             )
             np.testing.assert_allclose(
                 to_numpy(outputs), to_numpy(want), atol=1e-5
+            )
+
+
+@pytest.mark.parametrize("parallel_blocks", [False, True])
+def test_hard_write_gate_opens_above_the_uniform_share(
+    parallel_blocks, monkeypatch
+):
+    # The threshold sits where attention per key is the same on the block
+    # and on the FAM: with S block tokens and F FAM vectors, a share of
+    # F / (F + S) on the FAM. Just above it the gate stays closed, just
+    # below it the FAM is written.
+    x = _inputs(2, 16, seed=6)
+    gated = _layer(fam_write_gate="hard", parallel_blocks=parallel_blocks)
+    plain = _layer(parallel_blocks=parallel_blocks)
+    plain.set_weights(gated.get_weights())
+    initial = weights_by_path(gated)["initial_fam"]
+    uniform = gated.fam_length / (gated.fam_length + gated.block_size)
+    for share, expected in ((uniform + 0.01, None), (uniform - 0.01, plain)):
+        monkeypatch.setattr(
+            dispatch,
+            "attention_mass",
+            lambda query, *args, share=share: ops.full(
+                ops.shape(query)[:2], share
+            ),
+        )
+        _, fam = gated(x, return_fam=True)
+        if expected is None:
+            np.testing.assert_array_equal(
+                to_numpy(fam), np.broadcast_to(initial, fam.shape)
+            )
+        else:
+            _, want_fam = expected(x, return_fam=True)
+            np.testing.assert_allclose(
+                to_numpy(fam), to_numpy(want_fam), atol=1e-5
             )
 
 
