@@ -54,22 +54,22 @@ sequences. FAM: block 32, no memory segment (the paper's PassKey
 setting: the key, in the prompt's second block, never shares a window
 with the answer, so the answer must come from the memory), 16 FAM
 vectors, FAM normalisation, the hard FAM write gate (`fam_write_gate=
-"hard"`: a FAM vector is updated at a block boundary only when most of
-its attention went to the block rather than to the FAM itself, else
-carried exactly), LoRA rank 16 (about 62k trainable weights of the
-model's ~165k), AdamW 5e-3 with cosine decay, 1,500 steps of 32 streams
-x 192 tokens, every episode a stream of its own that starts a segment
-from the initial FAM (`streamed_dataset(..., document_resets=True)`: as
-every evaluation sequence does, and as the paper's fine-tuning sequences
-each started with the prompt), and a curriculum: keys of 1 digit for 100
+"hard"`: a FAM vector is updated at a block boundary only when its
+query's attention per key was higher on the block than on the FAM
+itself, else carried exactly), LoRA rank 16 (about 62k trainable weights
+of the model's ~165k), AdamW 5e-3 with cosine decay, 1,500 steps of 32
+streams x 192 tokens, every episode a stream of its own that starts from
+the initial FAM (`streamed_dataset(..., document_resets=True)`: as every
+evaluation sequence does, and as the paper's fine-tuning sequences each
+started with the prompt), and a curriculum: keys of 1 digit for 100
 steps, one more digit every 100 steps (each episode draws its key length
 up to the current bound), fillers up to 40 tokens until all 5 digits are
-in, then the longest filler grows to 96 over 600 steps (an episode still
-fits one segment, so the gradient reaches from the answer back to where
-the key was written). Short episodes suffice when the gate latches: a
-closed gate holds the key over any number of blocks, so nothing is
-gained from training on the long fillers that the ungated memory needed
-(576-token episodes cost three times the tokens per step).
+in, then the longest filler grows to 3,072 tokens over 600 steps. A long
+episode spans up to 17 segments of 192 tokens; each batch row carries
+its own FAM from one `fit` step to the next (per-row state passing,
+gradients stop at segment boundaries), so the answer's loss is taken on
+a FAM that has crossed up to 96 filler blocks (its gradient reaches back
+through the last segment's 6 blocks only).
 
 Status (issue 9, shared 2-core CPU): the pipeline runs end to end;
 inside the trained range of fillers FAM reads most 5-digit keys beyond
@@ -836,7 +836,7 @@ def parse_args(argv=None):
     add("--batch-size", type=int, default=32)
     add("--epochs", type=int, default=4, help="Progress-bar epochs.")
     add("--train-length", type=int, default=192, help="Training segment.")
-    add("--longest-filler", type=int, default=96)
+    add("--longest-filler", type=int, default=3072)
     add(
         "--random-filler-phase",
         action=argparse.BooleanOptionalAction,
