@@ -47,6 +47,7 @@ from keras_fam.checks import (
     check_batch_size,
     check_bool,
     check_choice,
+    check_float,
     check_int,
     check_positive,
     check_rate,
@@ -203,6 +204,25 @@ class TransformerFAM(keras.layers.Layer):
             the filler blocks; with the per-key threshold above, 4 of 4
             latched (flat from 1k to 16k, 0.22-0.70; mean over the runs 0.53
             against 0.34). Defaults to `None`.
+        fam_write_threshold: `None` or a float in `(0, 1)`. With
+            `fam_write_gate="hard"`: a fixed write share above which a FAM
+            vector writes, in training and at inference alike, instead of
+            the per-key threshold S / (S + F). `0.5` (below 32 / 48 for
+            32-token blocks and 16 FAM vectors) lets a freshly converted
+            checkpoint's gates start open, so it learns what to write and
+            how to read it back before it learns to stop writing on filler;
+            the per-key threshold starts them on the edge. Evidence
+            (`examples/passkey_retrieval.py`; results vary from run to run,
+            even with the same seed): with `0.5`, of 7 runs three read
+            0.84-1.00 from 1k to 16k filler tokens (0.82-1.00 at 0), one
+            0.98 / 0.74 / 0.50 at 0 / 1k / 16k, one 0.41 in range and 0.05
+            beyond, and two collapsed to chance while the filler grew;
+            per-key, 5 of 6 runs latched and read 0.21-0.97, one read only
+            the first digit. One threshold in training and another at
+            inference is worse: trained at 0.5 and read per-key, 2 of 4 runs
+            fell to 0.00-0.13 (one from 0.96-1.00), one was unchanged, one
+            rose (0.82 to 0.98 at filler 0). Defaults to `None` (the
+            per-key threshold).
         **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`...).
 
     Call arguments:
@@ -283,6 +303,7 @@ class TransformerFAM(keras.layers.Layer):
         parallel_blocks=False,
         fam_normalization=False,
         fam_write_gate=None,
+        fam_write_threshold=None,
         qkv_bias=False,
         query_key_norm=False,
         **kwargs,
@@ -320,6 +341,17 @@ class TransformerFAM(keras.layers.Layer):
         self.fam_write_gate = check_choice(
             "fam_write_gate", fam_write_gate, FAM_WRITE_GATES
         )
+        if fam_write_threshold is not None:
+            fam_write_threshold = check_float(
+                "fam_write_threshold", fam_write_threshold, above=0.0, below=1.0
+            )
+            if self.fam_write_gate != "hard":
+                raise ValueError(
+                    '`fam_write_threshold` needs `fam_write_gate="hard"`. '
+                    f"Received: fam_write_gate={self.fam_write_gate!r}, "
+                    f"fam_write_threshold={fam_write_threshold!r}"
+                )
+        self.fam_write_threshold = fam_write_threshold
         query_key_norm = check_bool("query_key_norm", query_key_norm)
         self.kernel_initializer = get_initializer(kernel_initializer)
         self.supports_masking = True
@@ -518,10 +550,14 @@ class TransformerFAM(keras.layers.Layer):
             # (uniform attention, as in a freshly converted checkpoint)
             # sits on it instead of writing on every block, as a fixed 0.5
             # would make it (32 block keys, 16 FAM vectors: share 2/3).
-            valid = ops.cast(mask[:, :count], write.dtype)
-            fam_columns = ops.cast(self._fam_columns[columns], write.dtype)
-            on_block = ops.sum(valid * (1.0 - fam_columns), axis=-1)
-            threshold = on_block / ops.maximum(ops.sum(valid, axis=-1), 1.0)
+            # `fam_write_threshold`, when set, replaces it by a fixed share.
+            if self.fam_write_threshold is not None:
+                threshold = self.fam_write_threshold
+            else:
+                valid = ops.cast(mask[:, :count], write.dtype)
+                fam_columns = ops.cast(self._fam_columns[columns], write.dtype)
+                on_block = ops.sum(valid * (1.0 - fam_columns), axis=-1)
+                threshold = on_block / ops.maximum(ops.sum(valid, axis=-1), 1.0)
             hard = ops.cast(ops.greater(write, threshold), write.dtype)
             write = write + ops.stop_gradient(hard - write)
         write = ops.cast(write[:, :, None], rows.dtype)
@@ -1245,6 +1281,7 @@ class TransformerFAM(keras.layers.Layer):
             "parallel_blocks": self.parallel_blocks,
             "fam_normalization": self.fam_normalization,
             "fam_write_gate": self.fam_write_gate,
+            "fam_write_threshold": self.fam_write_threshold,
         }
 
 

@@ -164,6 +164,9 @@ class FAMBackbone(Backbone):
             its FAM update by the share of the FAM's attention on the block
             (`TransformerFAM`'s `fam_write_gate`; not in the paper; no
             weights). Defaults to `None` (the paper's update).
+        fam_write_threshold: `None` or a float in `(0, 1)`. With the hard
+            gate, a fixed write-share threshold instead of the per-key one
+            (`TransformerFAM`'s `fam_write_threshold`). Defaults to `None`.
         state_passing_probability: float. Random State Passing probability
             (training only). Defaults to `0.0` (off).
         training_streams: int or `None`. Train on this many parallel

@@ -504,6 +504,41 @@ def test_hard_write_gate_keeps_or_replaces_the_fam(
             )
 
 
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("parallel_blocks", [False, True])
+def test_hard_write_gate_fixed_threshold(
+    parallel_blocks, training, monkeypatch
+):
+    # A write share of 0.6: below the per-key threshold (4 block tokens, 2
+    # FAM vectors: 4 / 6), so the default gate stays closed; above a fixed
+    # `fam_write_threshold=0.5`, so that gate writes, in training and at
+    # inference alike.
+    x = _inputs(2, 16, seed=5)
+    per_key = _layer(fam_write_gate="hard", parallel_blocks=parallel_blocks)
+    fixed = _layer(
+        fam_write_gate="hard",
+        fam_write_threshold=0.5,
+        parallel_blocks=parallel_blocks,
+    )
+    plain = _layer(parallel_blocks=parallel_blocks)
+    fixed.set_weights(per_key.get_weights())
+    plain.set_weights(per_key.get_weights())
+    initial = weights_by_path(per_key)["initial_fam"]
+    monkeypatch.setattr(
+        dispatch,
+        "attention_mass",
+        lambda query, *args: ops.full(ops.shape(query)[:2], 0.4),
+    )
+    _, fam = per_key(x, return_fam=True, training=training)
+    np.testing.assert_array_equal(
+        to_numpy(fam), np.broadcast_to(initial, fam.shape)
+    )
+    outputs, fam = fixed(x, return_fam=True, training=training)
+    want, want_fam = plain(x, return_fam=True, training=training)
+    np.testing.assert_allclose(to_numpy(fam), to_numpy(want_fam), atol=1e-5)
+    np.testing.assert_allclose(to_numpy(outputs), to_numpy(want), atol=1e-5)
+
+
 def _compiled_step(layer):
     """`(state, tokens, mask) -> (outputs, state)` compiled so that the
     state's position is a run-time value."""
@@ -844,6 +879,7 @@ VARIANTS = [
     dict(fam_length=3),
     dict(fam_normalization=True),
     dict(fam_write_gate="soft"),
+    dict(fam_write_gate="hard", fam_write_threshold=0.9),
     dict(
         rope_frequency_scaling={
             "factor": 8.0,
@@ -951,6 +987,14 @@ def test_kernel_initializer_is_used():
         (dict(attention_implementation="flash"), "'flash'"),
         (dict(fam_normalization="yes"), "fam_normalization='yes'"),
         (dict(fam_write_gate="gated"), "fam_write_gate='gated'"),
+        (
+            dict(fam_write_threshold=0.5),
+            'fam_write_threshold.*needs `fam_write_gate="hard"`',
+        ),
+        (
+            dict(fam_write_gate="hard", fam_write_threshold=1.0),
+            "fam_write_threshold=1.0",
+        ),
     ],
 )
 def test_bad_constructor_arguments(kwargs, message):
