@@ -158,8 +158,11 @@ class FAMBackbone(Backbone):
         fam_normalization: bool. Every layer rescales its carried FAM to
             unit RMS after each block (`TransformerFAM`'s
             `fam_normalization`; not in the paper). Keeps a model trained
-            from scratch on short sequences stable over long ones; leave it
-            off for converted presets. Defaults to `False`.
+            from scratch on short sequences stable over long ones. It
+            changes the paper's FAM update, so leave it off to use a
+            converted preset as it is; turn it on when fine-tuning a
+            converted model for long streams, as
+            `examples/passkey_retrieval.py` does. Defaults to `False`.
         fam_write_gate: `None`, `"soft"` or `"hard"`. Every layer scales
             its FAM update by the share of the FAM's attention on the block
             (`TransformerFAM`'s `fam_write_gate`; not in the paper; no
