@@ -194,7 +194,10 @@ sequences; 5-digit keys unless said):
   writes on every block in training (straight-through gradient of the
   share) and per-key at inference: 0.99 / 0.80 / 0.79 / 0.77 at 0 / 96 /
   1k / 16k once, 0.00 twice (only digit 2, or digits 2 and 4, read).
-  Learning rate 1e-2 (per-key): chance.
+  Learning rate 1e-2 (per-key): chance. 32 FAM vectors with the gate
+  open at the start (`--fam-length 32 --fam-write-threshold 0.4`; at 0.5
+  it would sit on the per-key threshold 32 / 64), one run: collapsed to
+  chance by step ~1,000 (0.35 s per step against 0.24 s).
 - What it would take: reliability. Every recipe here reaches the targets
   (or near them) in some runs and nothing in others; the model is tiny
   (2 layers, width 64) and which key positions its 16 FAM vectors come to
