@@ -550,7 +550,8 @@ class TransformerFAM(keras.layers.Layer):
             # (uniform attention, as in a freshly converted checkpoint)
             # sits on it instead of writing on every block, as a fixed 0.5
             # would make it (32 block keys, 16 FAM vectors: share 2/3).
-            # `fam_write_threshold`, when set, replaces it by a fixed share.
+            # `fam_write_threshold`, when set, replaces it by that fixed
+            # share (gates that start open; see the argument's docstring).
             if self.fam_write_threshold is not None:
                 threshold = self.fam_write_threshold
             else:

@@ -459,27 +459,38 @@ def test_streaming_in_chunks_equals_full_call(fam_normalization, gate):
         )
 
 
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("threshold", [None, 0.5])
 @pytest.mark.parametrize("margin", [None, 0.01])
 @pytest.mark.parametrize("parallel_blocks", [False, True])
 def test_hard_write_gate_keeps_or_replaces_the_fam(
-    parallel_blocks, margin, monkeypatch
+    parallel_blocks, margin, threshold, training, monkeypatch
 ):
     # All attention on the FAM's own keys: the gate stays closed and the
     # FAM leaves every block exactly as it came in (any number of blocks).
     # None on them: the gate is open and the layer is the ungated one.
     # With a margin: the threshold sits where attention per key is the
     # same on the block and on the FAM (with S block tokens and F FAM
-    # vectors, a share of F / (F + S) on the FAM); just above it the gate
-    # stays closed, just below it the FAM is written.
+    # vectors, a share of F / (F + S) on the FAM), or at a write share of
+    # `fam_write_threshold` (on the FAM: 1 - threshold) when it is set, in
+    # training and at inference alike; just above it the gate stays
+    # closed, just below it the FAM is written. (Here F / (F + S) = 1 / 3,
+    # so 0.5 +- 0.01 on the FAM also tells the two thresholds apart.)
     x = _inputs(2, 16, seed=5)
-    gated = _layer(fam_write_gate="hard", parallel_blocks=parallel_blocks)
+    gated = _layer(
+        fam_write_gate="hard",
+        fam_write_threshold=threshold,
+        parallel_blocks=parallel_blocks,
+    )
     plain = _layer(parallel_blocks=parallel_blocks)
     plain.set_weights(gated.get_weights())
     initial = weights_by_path(gated)["initial_fam"]
     closed, opened = 1.0, 0.0
     if margin is not None:
-        uniform = gated.fam_length / (gated.fam_length + gated.block_size)
-        closed, opened = uniform + margin, uniform - margin
+        on_fam = gated.fam_length / (gated.fam_length + gated.block_size)
+        if threshold is not None:
+            on_fam = 1.0 - threshold
+        closed, opened = on_fam + margin, on_fam - margin
     for share, expected in ((closed, None), (opened, plain)):
         monkeypatch.setattr(
             dispatch,
@@ -488,13 +499,13 @@ def test_hard_write_gate_keeps_or_replaces_the_fam(
                 ops.shape(query)[:2], share
             ),
         )
-        outputs, fam = gated(x, return_fam=True)
+        outputs, fam = gated(x, return_fam=True, training=training)
         if expected is None:
             np.testing.assert_array_equal(
                 to_numpy(fam), np.broadcast_to(initial, fam.shape)
             )
         else:
-            want, want_fam = expected(x, return_fam=True)
+            want, want_fam = expected(x, return_fam=True, training=training)
             # before + 1 * (after - before): equal up to rounding.
             np.testing.assert_allclose(
                 to_numpy(fam), to_numpy(want_fam), atol=1e-5
@@ -502,41 +513,6 @@ def test_hard_write_gate_keeps_or_replaces_the_fam(
             np.testing.assert_allclose(
                 to_numpy(outputs), to_numpy(want), atol=1e-5
             )
-
-
-@pytest.mark.parametrize("training", [False, True])
-@pytest.mark.parametrize("parallel_blocks", [False, True])
-def test_hard_write_gate_fixed_threshold(
-    parallel_blocks, training, monkeypatch
-):
-    # A write share of 0.6: below the per-key threshold (4 block tokens, 2
-    # FAM vectors: 4 / 6), so the default gate stays closed; above a fixed
-    # `fam_write_threshold=0.5`, so that gate writes, in training and at
-    # inference alike.
-    x = _inputs(2, 16, seed=5)
-    per_key = _layer(fam_write_gate="hard", parallel_blocks=parallel_blocks)
-    fixed = _layer(
-        fam_write_gate="hard",
-        fam_write_threshold=0.5,
-        parallel_blocks=parallel_blocks,
-    )
-    plain = _layer(parallel_blocks=parallel_blocks)
-    fixed.set_weights(per_key.get_weights())
-    plain.set_weights(per_key.get_weights())
-    initial = weights_by_path(per_key)["initial_fam"]
-    monkeypatch.setattr(
-        dispatch,
-        "attention_mass",
-        lambda query, *args: ops.full(ops.shape(query)[:2], 0.4),
-    )
-    _, fam = per_key(x, return_fam=True, training=training)
-    np.testing.assert_array_equal(
-        to_numpy(fam), np.broadcast_to(initial, fam.shape)
-    )
-    outputs, fam = fixed(x, return_fam=True, training=training)
-    want, want_fam = plain(x, return_fam=True, training=training)
-    np.testing.assert_allclose(to_numpy(fam), to_numpy(want_fam), atol=1e-5)
-    np.testing.assert_allclose(to_numpy(outputs), to_numpy(want), atol=1e-5)
 
 
 def _compiled_step(layer):
