@@ -44,6 +44,7 @@ from keras import ops
 
 from keras_fam.checks import (
     check_bool,
+    check_choice,
     check_float,
     check_int,
     check_probability,
@@ -472,3 +473,164 @@ def _document(sample_document, rng):
             f"{len(ids)} ids and {len(weight)} weights"
         )
     return ids, weight
+
+
+class RollbackOnCollapse(keras.callbacks.Callback):
+    """Rolls `fit` back to an earlier state when a training metric collapses.
+
+    Long-stream fine-tuning can collapse: a run learns, then within a hundred
+    steps its training accuracy falls to chance and never comes back (the
+    PassKey example saw this in 2 of 7 runs with the hard FAM write gate,
+    as the training filler grew). This is the remedy large language model
+    runs use for loss spikes (PaLM restarted from a checkpoint before the
+    spike and went on with other batches): every `check_every` steps the
+    callback compares the mean of `monitor` over those steps with the best
+    such mean so far; when it has collapsed (below `collapse_ratio` times
+    the best for `mode="max"`, above the best divided by `collapse_ratio`
+    for `mode="min"`, or not finite) the trainable weights and the
+    optimizer's slots go back to a copy taken at least `check_every` steps
+    before the last healthy check, and training goes on from there with new
+    batches. The optimizer's step counter is not rolled back, so a
+    learning-rate schedule keeps decaying. Keras' own callbacks act once
+    per epoch (`EarlyStopping(restore_best_weights=True)`) or after a crash
+    (`BackupAndRestore`); this one acts within an epoch.
+
+    The mean over a window is taken from the running means Keras logs
+    (exact for the loss with a fixed batch size; for a weighted metric it
+    weights each step alike). Copies are taken on the host every
+    `check_every` steps (on JAX this syncs the training state to the model,
+    which `fit` otherwise does once per epoch).
+
+    Args:
+        monitor: str. The training log to watch, e.g. `"loss"` or
+            `"sparse_categorical_accuracy"`.
+        mode: `"min"`, `"max"` or `"auto"` (`"max"` when `monitor` names an
+            accuracy, else `"min"`).
+        check_every: int. Steps per window.
+        collapse_ratio: float in `(0, 1)`. How far a window may fall behind
+            the best before it counts as a collapse.
+        max_rollbacks: int >= 0. Rollbacks allowed in one `fit`; after that
+            training goes on without them.
+        verbose: int. `1` prints each rollback.
+
+    Attributes:
+        rollbacks: one dict per rollback in the last `fit`: `step` (the
+            global step it was detected at), `value` (the collapsed window
+            mean), `best`, and `restored_step` (the step of the copy).
+
+    Example:
+
+    >>> guard = RollbackOnCollapse("sparse_categorical_accuracy")
+    >>> lm.fit(data, steps_per_epoch=500, callbacks=[guard])
+    >>> guard.rollbacks
+    []
+    """
+
+    def __init__(
+        self,
+        monitor="loss",
+        mode="auto",
+        check_every=50,
+        collapse_ratio=0.5,
+        max_rollbacks=3,
+        verbose=1,
+    ):
+        super().__init__()
+        if not isinstance(monitor, str) or not monitor:
+            raise ValueError(
+                "`monitor` must be the name of a training log. "
+                f"Received: monitor={monitor!r}"
+            )
+        check_choice("mode", mode, ("min", "max", "auto"))
+        if mode == "auto":
+            mode = "max" if "acc" in monitor else "min"
+        self.monitor, self.mode = monitor, mode
+        self.check_every = check_int("check_every", check_every)
+        self.collapse_ratio = check_float(
+            "collapse_ratio", collapse_ratio, above=0.0, below=1.0
+        )
+        self.max_rollbacks = check_int(
+            "max_rollbacks", max_rollbacks, minimum=0
+        )
+        self.verbose = check_int("verbose", verbose, minimum=0)
+        self.rollbacks = []
+
+    def on_train_begin(self, logs=None):
+        self.rollbacks = []
+        self._step = 0
+        self._best = None
+        self._copies = []  # [(global step, weights, optimizer slots)]
+
+    def on_epoch_begin(self, epoch, logs=None):
+        # Keras resets its running means every epoch.
+        self._checked = (0, 0.0)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._step += 1
+        done = batch + 1
+        last_done, last_mean = self._checked
+        if done - last_done < self.check_every:
+            return
+        if logs is None or self.monitor not in logs:
+            raise ValueError(
+                f"`monitor={self.monitor!r}` is not among the training logs "
+                f"{sorted(logs or {})}."
+            )
+        mean = float(np.asarray(logs[self.monitor]))
+        value = (done * mean - last_done * last_mean) / (done - last_done)
+        self._checked = (done, mean)
+        if self._collapsed(value) and self._copies:
+            if len(self.rollbacks) < self.max_rollbacks:
+                self._roll_back(value)
+                return
+        if np.isfinite(value) and (self._best is None or self._beats(value)):
+            self._best = value
+        self._copy()
+
+    def _beats(self, value):
+        if self.mode == "max":
+            return value > self._best
+        return value < self._best
+
+    def _collapsed(self, value):
+        if not np.isfinite(value):
+            return True
+        if self._best is None:
+            return False
+        if self.mode == "max":
+            return value < self.collapse_ratio * self._best
+        return value > self._best / self.collapse_ratio
+
+    def _optimizer_slots(self):
+        optimizer = self.model.optimizer
+        return [v for v in optimizer.variables if v is not optimizer.iterations]
+
+    def _copy(self):
+        model = self.model  # On JAX, syncs the training state to the model.
+        weights = [np.array(v) for v in model.trainable_variables]
+        slots = [np.array(v) for v in self._optimizer_slots()]
+        # The oldest copy is the one restored: at least `check_every` steps
+        # before the last healthy check, in case the collapse had begun.
+        self._copies = (self._copies + [(self._step, weights, slots)])[-2:]
+
+    def _roll_back(self, value):
+        step, weights, slots = self._copies[0]
+        variables = self.model.trainable_variables + self._optimizer_slots()
+        for variable, copy in zip(variables, weights + slots, strict=True):
+            variable.assign(copy)
+        self._copies = self._copies[:1]
+        self.rollbacks.append(
+            {
+                "step": self._step,
+                "value": value,
+                "best": self._best,
+                "restored_step": step,
+            }
+        )
+        if self.verbose:
+            print(
+                f"\nRollbackOnCollapse: {self.monitor} over the last "
+                f"{self.check_every} steps was {value:.4g} (best "
+                f"{self._best:.4g}) at step {self._step}; restored the "
+                f"weights of step {step}."
+            )

@@ -10,6 +10,7 @@ from keras_fam.models import FAMCausalLM
 from keras_fam.training import (
     RandomPositionOffset,
     RandomStatePassing,
+    RollbackOnCollapse,
     streamed_batches,
     streamed_dataset,
 )
@@ -384,3 +385,147 @@ def test_streamed_state_passing_errors():
         keras.saving.serialize_keras_object(backbone)
     )
     assert restored.training_streams == 3
+
+
+# === RollbackOnCollapse ===
+
+
+def regression(optimizer="adam"):
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile(optimizer=optimizer, loss="mse")
+    x = np.random.default_rng(0).normal(size=(64 * 50, 4)).astype("float32")
+    return model, x, x @ np.array([[1.0], [2.0], [-1.0], [0.5]], "float32")
+
+
+def variables_now(model):
+    optimizer = model.optimizer
+    slots = [v for v in optimizer.variables if v is not optimizer.iterations]
+    return [numpy(v) for v in model.trainable_variables + slots]
+
+
+class Sabotage(keras.callbacks.Callback):
+    """Wrecks the weights after step `at` and records the state at the
+    steps in `record` (after the callbacks before it in the list)."""
+
+    def __init__(self, at, record=()):
+        super().__init__()
+        self.at, self.record, self.step, self.seen = at, record, 0, {}
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step += 1
+        if self.step in self.record:
+            model = self.model
+            self.seen[self.step] = (
+                variables_now(model),
+                int(numpy(model.optimizer.iterations)),
+            )
+        if self.step == self.at:
+            for variable in self.model.trainable_variables:
+                variable.assign(ops.full(variable.shape, 5.0))
+
+
+def test_rollback_on_collapse_restores_an_earlier_state_under_fit():
+    model, x, y = regression()
+    guard = RollbackOnCollapse(check_every=10, verbose=0)
+    sabotage = Sabotage(at=25, record=(10, 30))
+    model.fit(
+        x, y, batch_size=64, epochs=1, verbose=0, callbacks=[guard, sabotage]
+    )
+    # Detected at the check after the damage (step 30); the copy restored
+    # is the older of the last two (steps 10 and 20).
+    assert [(r["step"], r["restored_step"]) for r in guard.rollbacks] == [
+        (30, 10)
+    ]
+    assert guard.rollbacks[0]["value"] > guard.rollbacks[0]["best"] * 2
+    copy, _ = sabotage.seen[10]
+    restored, iterations = sabotage.seen[30]
+    for before, after in zip(copy, restored, strict=True):
+        np.testing.assert_array_equal(before, after)
+    # Weights and Adam's slots go back; the step counter does not.
+    assert iterations == 30
+    assert len(copy) == 1 + 2 + 2 * 2  # kernel, bias; m and v of each (+lr)
+    recovered = model.evaluate(x, y, verbose=0)
+
+    model, x, y = regression()
+    model.fit(
+        x, y, batch_size=64, epochs=1, verbose=0, callbacks=[Sabotage(25)]
+    )
+    assert recovered < 0.1 * model.evaluate(x, y, verbose=0)
+
+
+def feed(guard, values, epoch_length=None):
+    """Drives `guard` with per-step `values` of an `acc` log (Keras logs
+    running means over each epoch)."""
+    epoch_length = epoch_length or len(values)
+    for begin in range(0, len(values), epoch_length):
+        guard.on_epoch_begin(begin // epoch_length)
+        epoch = values[begin : begin + epoch_length]
+        for batch in range(len(epoch)):
+            guard.on_train_batch_end(
+                batch, {"acc": float(np.mean(epoch[: batch + 1]))}
+            )
+
+
+@pytest.mark.parametrize("epoch_length", [None, 7])
+def test_rollback_on_collapse_detects_collapses_not_declines(epoch_length):
+    model, _, _ = regression()
+    model.optimizer.build(model.trainable_variables)
+    guard = RollbackOnCollapse("acc", check_every=5, verbose=0)
+    guard.set_model(model)
+    guard.on_train_begin()
+    # Learns to 0.9, then declines gently to 0.5 (a harder curriculum):
+    # more than half of the best, so no rollback.
+    rising = list(np.linspace(0.1, 0.9, 20))
+    declining = list(np.linspace(0.9, 0.5, 20))
+    feed(guard, rising + declining, epoch_length)
+    assert guard.rollbacks == []
+    # A window below half of the best is a collapse.
+    feed(guard, [0.3] * 5, epoch_length)
+    (rollback,) = guard.rollbacks
+    assert rollback["step"] == 45
+    assert rollback["value"] == pytest.approx(0.3)
+    assert rollback["best"] > 0.8
+    # The older of the last two copies: at least a window before the last
+    # healthy check.
+    if epoch_length is None:
+        assert rollback["restored_step"] == 35
+    else:  # Windows restart with every epoch of 7 steps.
+        assert rollback["restored_step"] <= 45 - 2 * 5
+    # A non-finite window is one too.
+    feed(guard, [float("nan")] * 5, epoch_length)
+    assert len(guard.rollbacks) == 2
+
+
+def test_rollback_on_collapse_limits_and_mode():
+    model, _, _ = regression()
+    model.optimizer.build(model.trainable_variables)
+    guard = RollbackOnCollapse("acc", check_every=5, max_rollbacks=1)
+    assert guard.mode == "max"
+    assert RollbackOnCollapse("loss").mode == "min"
+    guard.verbose = 0
+    guard.set_model(model)
+    guard.on_train_begin()
+    feed(guard, [0.9] * 10 + [0.1] * 20)
+    assert len(guard.rollbacks) == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"monitor": ""}, "monitor"),
+        ({"mode": "up"}, "mode"),
+        ({"check_every": 0}, "check_every"),
+        ({"collapse_ratio": 1.0}, "collapse_ratio"),
+        ({"max_rollbacks": -1}, "max_rollbacks"),
+    ],
+)
+def test_rollback_on_collapse_bad_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        RollbackOnCollapse(**kwargs)
+
+
+def test_rollback_on_collapse_names_a_missing_log():
+    model, x, y = regression()
+    guard = RollbackOnCollapse("accuracy", check_every=2)
+    with pytest.raises(ValueError, match="accuracy.*loss"):
+        model.fit(x, y, batch_size=64, epochs=1, verbose=0, callbacks=[guard])
