@@ -227,7 +227,11 @@ import numpy as np  # noqa: E402
 
 from keras_fam.models import FAMCausalLM  # noqa: E402
 from keras_fam.state import FAMStreamer  # noqa: E402
-from keras_fam.training import streamed_dataset  # noqa: E402
+from keras_fam.training import (  # noqa: E402
+    LogWindow,
+    RollbackOnCollapse,
+    streamed_dataset,
+)
 
 # === The task: the paper's PassKey prompt, tokenized by the base model ===
 
@@ -625,6 +629,7 @@ def fine_tune_fam(args, task):
         digit_steps=args.digit_curriculum_steps,
         first_longest=args.first_longest_filler,
         random_phase=args.random_filler_phase,
+        advance_at=args.advance_at,
     )
     data = streamed_dataset(
         sampler,
@@ -635,27 +640,43 @@ def fine_tune_fam(args, task):
         document_resets=args.document_resets,
     )
     epochs = max(1, min(args.epochs, steps))
+    callbacks = [sampler.callback()]
+    guard = None
+    if args.rollback_on_collapse:
+        guard = RollbackOnCollapse(
+            "sparse_categorical_accuracy", check_every=args.rollback_every
+        )
+        callbacks.append(guard)
     start = time.time()
     history = lm.fit(
         data,
         steps_per_epoch=steps // epochs,
         epochs=epochs,
-        callbacks=[sampler.callback()],
+        callbacks=callbacks,
         verbose=args.verbose,
     )
-    return lm, time.time() - start, history.history
+    history = dict(history.history)
+    history["rollbacks"] = guard.rollbacks if guard else []
+    history["curriculum"] = sampler.history
+    return lm, time.time() - start, history
 
 
 class CurriculumSampler:
     """Streamed episodes with a curriculum on the key's length, then on the
     filler's.
 
-    Key length: for the first `digit_steps` steps keys have 1 digit, then
-    each episode draws its length uniformly from 1 to one more digit every
-    `digit_steps` steps, up to the task's `key_digits` (`digit_steps=0`:
-    always the full length). Filler: log-uniform up to `first_longest`
-    until the key curriculum is done, then the bound grows linearly to
-    `longest` over `curriculum_steps` steps.
+    Key length: keys have 1 digit at first, and each episode draws its
+    length uniformly from 1 to the current bound, up to the task's
+    `key_digits`. Filler: log-uniform up to `first_longest` until all the
+    digits are in, then up to a growing bound that ends at `longest`.
+
+    Adaptive (`advance_at` set, the default): the bounds move one stage at
+    a time (one more digit; then the longest filler doubled, up to
+    `longest`) when the mean training digit accuracy over the last `window`
+    steps of the stage reaches `advance_at`, so that each run moves on when
+    it has learned the stage, however fast. Fixed (`advance_at=None`): one
+    more digit every `digit_steps` steps (`0`: full keys from the start),
+    then the bound grows linearly to `longest` over `curriculum_steps`.
     """
 
     def __init__(
@@ -667,6 +688,8 @@ class CurriculumSampler:
         digit_steps=0,
         first_longest=40,
         random_phase=False,
+        advance_at=None,
+        window=50,
     ):
         self.tasks = {
             d: task.with_digits(d) for d in range(1, task.key_digits + 1)
@@ -677,10 +700,21 @@ class CurriculumSampler:
         self.random_phase = random_phase
         self.digit_steps = digit_steps
         self.curriculum_steps = curriculum_steps
+        self.advance_at, self.window = advance_at, window
+        first = min(first_longest, longest)
+        self.stages = [(d, first) for d in range(1, self.key_digits + 1)]
+        while self.stages[-1][1] < longest:
+            self.stages.append(
+                (self.key_digits, min(2 * self.stages[-1][1], longest))
+            )
+        self.stage = 0
         self.step = 0
+        self.history = [(0, *self.stages[0])]  # (step, digits, longest)
 
     def bounds(self):
         """`(most digits, longest filler)` at the current step."""
+        if self.advance_at is not None:
+            return self.stages[self.stage]
         digits, grow_from = self.key_digits, 0
         if self.digit_steps:
             digits = min(self.key_digits, 1 + self.step // self.digit_steps)
@@ -704,10 +738,33 @@ class CurriculumSampler:
 
     def callback(self):
         sampler = self
+        window = LogWindow("sparse_categorical_accuracy", self.window)
 
         class Step(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                window.reset()
+
             def on_train_batch_begin(self, batch, logs=None):
                 sampler.step += 1
+
+            def on_train_batch_end(self, batch, logs=None):
+                accuracy = window.update(batch, logs)
+                if (
+                    sampler.advance_at is not None
+                    and accuracy is not None
+                    and accuracy >= sampler.advance_at
+                    and sampler.stage + 1 < len(sampler.stages)
+                ):
+                    sampler.stage += 1
+                    sampler.history.append(
+                        (sampler.step, *sampler.stages[sampler.stage])
+                    )
+                    digits, longest = sampler.stages[sampler.stage]
+                    print(
+                        f"\n[curriculum] step {sampler.step}: digit accuracy "
+                        f"{accuracy:.3f}; now keys of up to {digits} digits, "
+                        f"fillers up to {longest} tokens"
+                    )
 
         return Step()
 
@@ -899,6 +956,14 @@ def parse_args(argv=None):
         help="Start each training filler at a random token of its cycle.",
     )
     add(
+        "--advance-at",
+        type=_optional_float,
+        default=0.9,
+        help="Adaptive curriculum: the training digit accuracy over 50 "
+        "steps at which the next stage starts (one more key digit, then "
+        "the longest filler doubled); 'none': the fixed schedule below.",
+    )
+    add(
         "--digit-curriculum-steps",
         type=int,
         default=100,
@@ -935,6 +1000,19 @@ def parse_args(argv=None):
         type=float,
         default=0.0,
         help="Chance per step that a row starts a new stream.",
+    )
+    add(
+        "--rollback-on-collapse",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Roll the FAM fit back when its training accuracy collapses "
+        "(`keras_fam.training.RollbackOnCollapse`).",
+    )
+    add(
+        "--rollback-every",
+        type=int,
+        default=50,
+        help="Steps per window of RollbackOnCollapse.",
     )
     add("--fam-steps", type=int, default=1500)
     add("--bswa-steps", type=int, default=100)
@@ -1047,6 +1125,8 @@ def main(argv=None):
             "trainable_weights": trainable,
             "adapters": adapters,
             "final_train_accuracy": history["sparse_categorical_accuracy"][-1],
+            "rollbacks": history.get("rollbacks", []),
+            "curriculum": history.get("curriculum"),
             "accuracy": {str(n): a for n, a in accuracy.items()},
             "samples": {str(n): s for n, s in samples.items()},
             "fam_rms": {str(n): r for n, r in fam_rms.items()},

@@ -475,6 +475,52 @@ def _document(sample_document, rng):
     return ids, weight
 
 
+class LogWindow:
+    """Means of one training log over windows of `steps` steps.
+
+    Keras logs running means that restart every epoch; the mean over the
+    steps since the last window is recovered from two of them (exact for
+    the loss with a fixed batch size; for a weighted metric it weights each
+    step alike). Call `reset()` at the start of every epoch and
+    `update(batch, logs)` after every step (from a callback's
+    `on_epoch_begin` and `on_train_batch_end`).
+
+    Args:
+        monitor: str. The training log, e.g. `"loss"` or
+            `"sparse_categorical_accuracy"`.
+        steps: int. Steps per window.
+    """
+
+    def __init__(self, monitor, steps):
+        if not isinstance(monitor, str) or not monitor:
+            raise ValueError(
+                "`monitor` must be the name of a training log. "
+                f"Received: monitor={monitor!r}"
+            )
+        self.monitor = monitor
+        self.steps = check_int("steps", steps)
+        self.reset()
+
+    def reset(self):
+        self._last = (0, 0.0)  # (steps done in the epoch, running mean)
+
+    def update(self, batch, logs):
+        """The mean over the window that step `batch` (0-based within the
+        epoch) completes, else `None`."""
+        done = batch + 1
+        last_done, last_mean = self._last
+        if done - last_done < self.steps:
+            return None
+        if logs is None or self.monitor not in logs:
+            raise ValueError(
+                f"`monitor={self.monitor!r}` is not among the training logs "
+                f"{sorted(logs or {})}."
+            )
+        mean = float(np.asarray(logs[self.monitor]))
+        self._last = (done, mean)
+        return (done * mean - last_done * last_mean) / (done - last_done)
+
+
 class RollbackOnCollapse(keras.callbacks.Callback):
     """Rolls `fit` back to an earlier state when a training metric collapses.
 
@@ -495,11 +541,9 @@ class RollbackOnCollapse(keras.callbacks.Callback):
     per epoch (`EarlyStopping(restore_best_weights=True)`) or after a crash
     (`BackupAndRestore`); this one acts within an epoch.
 
-    The mean over a window is taken from the running means Keras logs
-    (exact for the loss with a fixed batch size; for a weighted metric it
-    weights each step alike). Copies are taken on the host every
-    `check_every` steps (on JAX this syncs the training state to the model,
-    which `fit` otherwise does once per epoch).
+    The mean over a window comes from `LogWindow`. Copies are taken on the
+    host every `check_every` steps (on JAX this syncs the training state to
+    the model, which `fit` otherwise does once per epoch).
 
     Args:
         monitor: str. The training log to watch, e.g. `"loss"` or
@@ -536,16 +580,12 @@ class RollbackOnCollapse(keras.callbacks.Callback):
         verbose=1,
     ):
         super().__init__()
-        if not isinstance(monitor, str) or not monitor:
-            raise ValueError(
-                "`monitor` must be the name of a training log. "
-                f"Received: monitor={monitor!r}"
-            )
+        self.window = LogWindow(monitor, check_int("check_every", check_every))
         check_choice("mode", mode, ("min", "max", "auto"))
         if mode == "auto":
             mode = "max" if "acc" in monitor else "min"
         self.monitor, self.mode = monitor, mode
-        self.check_every = check_int("check_every", check_every)
+        self.check_every = self.window.steps
         self.collapse_ratio = check_float(
             "collapse_ratio", collapse_ratio, above=0.0, below=1.0
         )
@@ -562,23 +602,13 @@ class RollbackOnCollapse(keras.callbacks.Callback):
         self._copies = []  # [(global step, weights, optimizer slots)]
 
     def on_epoch_begin(self, epoch, logs=None):
-        # Keras resets its running means every epoch.
-        self._checked = (0, 0.0)
+        self.window.reset()
 
     def on_train_batch_end(self, batch, logs=None):
         self._step += 1
-        done = batch + 1
-        last_done, last_mean = self._checked
-        if done - last_done < self.check_every:
+        value = self.window.update(batch, logs)
+        if value is None:
             return
-        if logs is None or self.monitor not in logs:
-            raise ValueError(
-                f"`monitor={self.monitor!r}` is not among the training logs "
-                f"{sorted(logs or {})}."
-            )
-        mean = float(np.asarray(logs[self.monitor]))
-        value = (done * mean - last_done * last_mean) / (done - last_done)
-        self._checked = (done, mean)
         if self._collapsed(value) and self._copies:
             if len(self.rollbacks) < self.max_rollbacks:
                 self._roll_back(value)

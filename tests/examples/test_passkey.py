@@ -102,6 +102,29 @@ def test_curriculum_grows_the_key_then_the_filler(tokenizer):
     assert sampler.bounds() == (3, 220)
 
 
+def test_adaptive_curriculum_moves_on_when_a_stage_is_learned(tokenizer):
+    task = passkey.PassKeyTask(tokenizer, key_digits=2)
+    sampler = passkey.CurriculumSampler(
+        task, 200, curriculum_steps=0, align=1, first_longest=40,
+        advance_at=0.9, window=5,
+    )  # fmt: skip
+    assert sampler.stages == [(1, 40), (2, 40), (2, 80), (2, 160), (2, 200)]
+    step = sampler.callback()
+    step.on_epoch_begin(0)
+    accuracies = [0.5] * 5 + [0.95] * 5 + [0.8] * 10 + [0.92] * 5
+    stages = []
+    for batch, _ in enumerate(accuracies):
+        step.on_train_batch_begin(batch)
+        logs = {"sparse_categorical_accuracy": np.mean(accuracies[: batch + 1])}
+        step.on_train_batch_end(batch, logs)
+        stages.append(sampler.bounds())
+    # A window of 5 steps at 0.95 moves it on; one at 0.92 again.
+    assert sampler.history == [(0, 1, 40), (10, 2, 40), (25, 2, 80)]
+    assert stages[9] == (2, 40) and stages[-1] == (2, 80)
+    rng = np.random.default_rng(0)
+    assert all(len(sampler(rng)[0]) <= task.overhead() + 80 for _ in range(20))
+
+
 def test_reduced_pipeline_writes_table_json_and_plot(tmp_path, capsys):
     """Base preset (built, then reused from its cache), FAM from the
     preset with LoRA (only adapters and summary embeddings train), fit on
@@ -140,6 +163,7 @@ def test_reduced_pipeline_writes_table_json_and_plot(tmp_path, capsys):
     assert set(bswa["accuracy"]) == {"0", "40"}
     assert bswa["receptive_field"] == 2 * 2 * 16
     assert fam["receptive_field"] is None
+    assert fam["rollbacks"] == [] and fam["curriculum"][0] == [0, 1, 40]
     for entry in saved["models"].values():
         for n, accuracy in entry["accuracy"].items():
             count = entry["samples"][n]
