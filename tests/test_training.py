@@ -1,4 +1,5 @@
-"""Random State Passing and Random Position Offset (keras_fam.training)."""
+"""keras_fam.training: Random State Passing, Random Position Offset,
+streamed state passing, LogWindow and RollbackOnCollapse."""
 
 import keras
 import numpy as np
@@ -8,6 +9,7 @@ from keras import ops
 
 from keras_fam.models import FAMCausalLM
 from keras_fam.training import (
+    LogWindow,
     RandomPositionOffset,
     RandomStatePassing,
     RollbackOnCollapse,
@@ -464,6 +466,22 @@ def feed(guard, values, epoch_length=None):
             guard.on_train_batch_end(
                 batch, {"acc": float(np.mean(epoch[: batch + 1]))}
             )
+
+
+def test_log_window_recovers_window_means_from_running_means():
+    values = np.random.default_rng(0).uniform(size=23)
+    window = LogWindow("loss", 5)
+    means = []
+    for epoch in (values[:12], values[12:]):
+        window.reset()  # Keras restarts its running means every epoch.
+        for batch in range(len(epoch)):
+            mean = window.update(batch, {"loss": np.mean(epoch[: batch + 1])})
+            if mean is not None:
+                means.append(mean)
+    expected = [values[0:5], values[5:10], values[12:17], values[17:22]]
+    np.testing.assert_allclose(means, [np.mean(v) for v in expected])
+    with pytest.raises(ValueError, match="steps"):
+        LogWindow("loss", 0)
 
 
 @pytest.mark.parametrize("epoch_length", [None, 7])
