@@ -658,6 +658,7 @@ def fine_tune_fam(args, task):
     history = dict(history.history)
     history["rollbacks"] = guard.rollbacks if guard else []
     history["curriculum"] = sampler.history
+    history["train_accuracy_windows"] = sampler.accuracy_log
     return lm, time.time() - start, history
 
 
@@ -674,7 +675,11 @@ class CurriculumSampler:
     a time (one more digit; then the longest filler doubled, up to
     `longest`) when the mean training digit accuracy over the last `window`
     steps of the stage reaches `advance_at`, so that each run moves on when
-    it has learned the stage, however fast. Fixed (`advance_at=None`): one
+    it has learned the stage, however fast. In a filler stage a share
+    `focus` of the episodes have fillers in the stage's new range (from the
+    previous bound up), the others anywhere up to the bound: with fillers
+    all log-uniform from 0, short ones would carry the accuracy while the
+    long ones fail. Fixed (`advance_at=None`): one
     more digit every `digit_steps` steps (`0`: full keys from the start),
     then the bound grows linearly to `longest` over `curriculum_steps`.
     """
@@ -690,6 +695,7 @@ class CurriculumSampler:
         random_phase=False,
         advance_at=None,
         window=50,
+        focus=0.5,
     ):
         self.tasks = {
             d: task.with_digits(d) for d in range(1, task.key_digits + 1)
@@ -700,7 +706,7 @@ class CurriculumSampler:
         self.random_phase = random_phase
         self.digit_steps = digit_steps
         self.curriculum_steps = curriculum_steps
-        self.advance_at, self.window = advance_at, window
+        self.advance_at, self.window, self.focus = advance_at, window, focus
         first = min(first_longest, longest)
         self.stages = [(d, first) for d in range(1, self.key_digits + 1)]
         while self.stages[-1][1] < longest:
@@ -710,6 +716,7 @@ class CurriculumSampler:
         self.stage = 0
         self.step = 0
         self.history = [(0, *self.stages[0])]  # (step, digits, longest)
+        self.accuracy_log = []  # (step, digit accuracy over the window)
 
     def bounds(self):
         """`(most digits, longest filler)` at the current step."""
@@ -732,8 +739,17 @@ class CurriculumSampler:
     def __call__(self, rng):
         most_digits, longest = self.bounds()
         task = self.tasks[int(rng.integers(1, most_digits + 1))]
+        shortest = 0
+        if (
+            self.advance_at is not None
+            and self.stage >= self.key_digits
+            and rng.uniform() < self.focus
+        ):
+            # The newest filler range, so that the accuracy that moves the
+            # curriculum on is not all short fillers learned stages ago.
+            shortest = self.stages[self.stage - 1][1]
         return task.document_sampler(
-            0, longest, align=self.align, random_phase=self.random_phase
+            shortest, longest, align=self.align, random_phase=self.random_phase
         )(rng)
 
     def callback(self):
@@ -749,6 +765,8 @@ class CurriculumSampler:
 
             def on_train_batch_end(self, batch, logs=None):
                 accuracy = window.update(batch, logs)
+                if accuracy is not None:
+                    sampler.accuracy_log.append((sampler.step, accuracy))
                 if (
                     sampler.advance_at is not None
                     and accuracy is not None
@@ -1127,6 +1145,7 @@ def main(argv=None):
             "final_train_accuracy": history["sparse_categorical_accuracy"][-1],
             "rollbacks": history.get("rollbacks", []),
             "curriculum": history.get("curriculum"),
+            "train_accuracy_windows": history.get("train_accuracy_windows"),
             "accuracy": {str(n): a for n, a in accuracy.items()},
             "samples": {str(n): s for n, s in samples.items()},
             "fam_rms": {str(n): r for n, r in fam_rms.items()},
