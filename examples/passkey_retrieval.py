@@ -61,10 +61,15 @@ of the model's ~165k), AdamW 5e-3 with cosine decay, 1,500 steps of 32
 streams x 192 tokens, every episode a stream of its own that starts from
 the initial FAM (`streamed_dataset(..., document_resets=True)`: as every
 evaluation sequence does, and as the paper's fine-tuning sequences each
-started with the prompt), and a curriculum: keys of 1 digit for 100
-steps, one more digit every 100 steps (each episode draws its key length
-up to the current bound), fillers up to 40 tokens until all 5 digits are
-in, then the longest filler grows to 3,072 tokens over 600 steps. A long
+started with the prompt), and an adaptive curriculum (`--advance-at
+0.9`): keys of 1 digit at first (each episode draws its key length up to
+the current bound), fillers up to 40 tokens until all 5 digits are in,
+then the longest filler doubles (80, 160, ... 3,072 tokens), half of the
+episodes in the new range; the next stage starts when the training digit
+accuracy over the last 50 steps reaches 0.9 (runs learn the key digits at
+different speeds: 475-800 steps for all five). `RollbackOnCollapse`
+guards the fit (a 50-step digit accuracy below half of the best so far
+restores the weights of 100 steps before). A long
 episode spans up to 17 segments of 192 tokens; each batch row carries
 its own FAM from one `fit` step to the next (per-row state passing,
 gradients stop at segment boundaries), so the answer's loss is taken on
@@ -675,11 +680,12 @@ class CurriculumSampler:
     a time (one more digit; then the longest filler doubled, up to
     `longest`) when the mean training digit accuracy over the last `window`
     steps of the stage reaches `advance_at`, so that each run moves on when
-    it has learned the stage, however fast. In a filler stage a share
-    `focus` of the episodes have fillers in the stage's new range (from the
-    previous bound up), the others anywhere up to the bound: with fillers
-    all log-uniform from 0, short ones would carry the accuracy while the
-    long ones fail. Fixed (`advance_at=None`): one
+    it has learned the stage, however fast. A share `focus` of the episodes
+    are the stage's newest (keys of the stage's most digits; in a filler
+    stage, where keys have all their digits, fillers in the stage's new
+    range, from the previous bound up), the others anywhere up to the
+    bounds: otherwise short keys and fillers, learned stages ago, carry the
+    accuracy while the new ones fail. Fixed (`advance_at=None`): one
     more digit every `digit_steps` steps (`0`: full keys from the start),
     then the bound grows linearly to `longest` over `curriculum_steps`.
     """
@@ -738,16 +744,21 @@ class CurriculumSampler:
 
     def __call__(self, rng):
         most_digits, longest = self.bounds()
-        task = self.tasks[int(rng.integers(1, most_digits + 1))]
+        digits = int(rng.integers(1, most_digits + 1))
         shortest = 0
-        if (
-            self.advance_at is not None
-            and self.stage >= self.key_digits
-            and rng.uniform() < self.focus
-        ):
-            # The newest filler range, so that the accuracy that moves the
-            # curriculum on is not all short fillers learned stages ago.
-            shortest = self.stages[self.stage - 1][1]
+        if self.advance_at is not None:
+            # The newest stage's keys and fillers get a share `focus` of
+            # the episodes (keys have all their digits once the filler
+            # grows), so that the accuracy that moves the curriculum on is
+            # not carried by what was learned stages ago.
+            focus = rng.uniform() < self.focus
+            if self.stage >= self.key_digits:
+                digits = self.key_digits
+                if focus:
+                    shortest = self.stages[self.stage - 1][1]
+            elif focus:
+                digits = most_digits
+        task = self.tasks[digits]
         return task.document_sampler(
             shortest, longest, align=self.align, random_phase=self.random_phase
         )(rng)

@@ -121,17 +121,29 @@ def test_adaptive_curriculum_moves_on_when_a_stage_is_learned(tokenizer):
     # A window of 5 steps at 0.95 moves it on; one at 0.92 again.
     assert sampler.history == [(0, 1, 40), (10, 2, 40), (25, 2, 80)]
     assert stages[9] == (2, 40) and stages[-1] == (2, 80)
-    # Half of the episodes have fillers in the stage's new range (40-80),
-    # the others log-uniform up to 80 (which puts 16% above 40).
     rng = np.random.default_rng(0)
-    fillers = []
-    for _ in range(400):
-        ids, weights = sampler(rng)
-        digits = int(weights.sum())  # One weight per answer digit.
-        fillers.append(len(ids) - sampler.tasks[digits].overhead())
-    fillers = np.array(fillers)
+
+    def draw(count=400):
+        digits, fillers = [], []
+        for _ in range(count):
+            ids, weights = sampler(rng)
+            digits.append(int(weights.sum()))  # One weight per answer digit.
+            fillers.append(len(ids) - sampler.tasks[digits[-1]].overhead())
+        return np.array(digits), np.array(fillers)
+
+    # Keys have all their digits once the filler grows; half of the
+    # episodes have fillers in the stage's new range (40-80), the others
+    # log-uniform up to 80 (which puts 16% above 40).
+    digits, fillers = draw()
+    assert set(digits) == {2}
     assert fillers.max() <= 80 and fillers.min() >= 0
     assert 0.48 < np.mean(fillers >= 40) < 0.68
+    # In a key stage half of the keys have the stage's digits, the others
+    # 1 to that many: 75% have 2 digits.
+    sampler.stage = 1
+    digits, fillers = draw()
+    assert set(digits) == {1, 2} and 0.68 < np.mean(digits == 2) < 0.82
+    assert fillers.max() <= 40
 
 
 def test_reduced_pipeline_writes_table_json_and_plot(tmp_path, capsys):
