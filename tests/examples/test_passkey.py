@@ -5,6 +5,7 @@ import json
 import os
 import sys
 
+import keras
 import numpy as np
 import pytest
 
@@ -146,6 +147,47 @@ def test_adaptive_curriculum_moves_on_when_a_stage_is_learned(tokenizer):
     assert fillers.max() <= 40
 
 
+def test_a_run_stalled_in_the_first_stage_starts_over_once(tokenizer):
+    task = passkey.PassKeyTask(tokenizer, key_digits=2)
+    sampler = passkey.CurriculumSampler(
+        task, 200, curriculum_steps=0, align=1, advance_at=0.9, window=5
+    )
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    model.layers[0].enable_lora(2)
+    model.compile(optimizer="adam", loss="mse")
+    model.optimizer.build(model.trainable_variables)
+    step = sampler.callback(restart_after=10, seed=1)
+    step.set_model(model)
+    step.on_train_begin()
+    a_before = np.array(model.layers[0].lora_kernel_a)
+    # Some training happened.
+    for variable in model.trainable_variables + model.optimizer.variables:
+        if variable is not model.optimizer.iterations:
+            variable.assign(np.full(variable.shape, 0.3, variable.dtype))
+    model.optimizer.iterations.assign(10)
+    step.on_epoch_begin(0)
+    for batch in range(20):
+        step.on_train_batch_begin(batch)
+        step.on_train_batch_end(
+            batch, {"sparse_categorical_accuracy": np.float32(0.5)}
+        )
+    assert sampler.restarts == [(10, pytest.approx(0.5))]
+    assert sampler.stage == 0
+    layer = model.layers[0]
+    # B back to zeros (the model is the converted one again), A drawn anew.
+    np.testing.assert_array_equal(np.array(layer.lora_kernel_b), 0.0)
+    a_after = np.array(layer.lora_kernel_a)
+    assert not np.allclose(a_after, a_before) and not np.allclose(a_after, 0.3)
+    optimizer = model.optimizer
+    for slot in optimizer.variables:
+        name = slot.path.split("/")[-1]
+        if name.endswith(("momentum", "velocity")):
+            np.testing.assert_array_equal(np.array(slot), 0.0)
+    # The learning rate and the step count stay.
+    assert float(np.array(optimizer.learning_rate)) == pytest.approx(0.3)
+    assert int(np.array(optimizer.iterations)) == 10
+
+
 def test_reduced_pipeline_writes_table_json_and_plot(tmp_path, capsys):
     """Base preset (built, then reused from its cache), FAM from the
     preset with LoRA (only adapters and summary embeddings train), fit on
@@ -185,6 +227,7 @@ def test_reduced_pipeline_writes_table_json_and_plot(tmp_path, capsys):
     assert bswa["receptive_field"] == 2 * 2 * 16
     assert fam["receptive_field"] is None
     assert fam["rollbacks"] == [] and fam["curriculum"][0] == [0, 1, 40]
+    assert fam["restarts"] == []
     for entry in saved["models"].values():
         for n, accuracy in entry["accuracy"].items():
             count = entry["samples"][n]
