@@ -598,6 +598,12 @@ class RollbackOnCollapse(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         self.rollbacks = []
         self._step = 0
+        self.reset()
+
+    def reset(self):
+        """Forgets the best window and the copies (keeps `rollbacks`): call
+        it when the run starts over on purpose (new weights, a new task),
+        so that the drop is not taken for a collapse."""
         self._best = None
         self._copies = []  # [(global step, weights, optimizer slots)]
 

@@ -525,6 +525,14 @@ def test_rollback_on_collapse_limits_and_mode():
     guard.on_train_begin()
     feed(guard, [0.9] * 10 + [0.1] * 20)
     assert len(guard.rollbacks) == 1
+    # After `reset` (a deliberate new start) a low window is the new best.
+    guard = RollbackOnCollapse("acc", check_every=5, verbose=0)
+    guard.set_model(model)
+    guard.on_train_begin()
+    feed(guard, [0.9] * 10)
+    guard.reset()
+    feed(guard, [0.2] * 10 + [0.15] * 5 + [0.05] * 5)
+    assert [r["step"] for r in guard.rollbacks] == [30]
 
 
 @pytest.mark.parametrize(
