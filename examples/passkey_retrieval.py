@@ -812,8 +812,9 @@ class CurriculumSampler:
         after that many steps starts over (once): the LoRA factors are drawn
         again (A from `he_uniform`, B zeros, as `enable_lora` does), the
         summary embeddings go back to the converted model's and the
-        optimizer's slots to zeros; `guard` (a `RollbackOnCollapse`) is
-        reset, so that it does not roll the new start back."""
+        optimizer's slots to zeros. `guard` (a `RollbackOnCollapse` that
+        runs before this callback) is reset at every new stage and at a
+        restart, so that it takes neither drop for a collapse."""
         sampler = self
         window = LogWindow("sparse_categorical_accuracy", self.window)
 
@@ -838,6 +839,8 @@ class CurriculumSampler:
                     sampler.stages
                 ):
                     sampler.advance(accuracy)
+                    if guard is not None:  # A harder task: a lower accuracy.
+                        guard.reset()
                 elif (
                     restart_after
                     and sampler.stage == 0
