@@ -14,6 +14,8 @@ sys.path.insert(
 )
 import passkey_retrieval as passkey  # noqa: E402
 
+from keras_fam.training import RollbackOnCollapse  # noqa: E402
+
 TINY = [
     "--vocabulary-size", "256",
     "--base-context", "96",
@@ -110,7 +112,10 @@ def test_adaptive_curriculum_moves_on_when_a_stage_is_learned(tokenizer):
         advance_at=0.9, window=5,
     )  # fmt: skip
     assert sampler.stages == [(1, 40), (2, 40), (2, 80), (2, 160), (2, 200)]
-    step = sampler.callback()
+    guard = RollbackOnCollapse("sparse_categorical_accuracy", verbose=0)
+    guard.on_train_begin()
+    guard._best = 0.9
+    step = sampler.callback(guard=guard)
     step.on_epoch_begin(0)
     accuracies = [0.5] * 5 + [0.95] * 5 + [0.8] * 10 + [0.92] * 5
     stages = []
@@ -121,6 +126,8 @@ def test_adaptive_curriculum_moves_on_when_a_stage_is_learned(tokenizer):
         stages.append(sampler.bounds())
     # A window of 5 steps at 0.95 moves it on; one at 0.92 again.
     assert sampler.history == [(0, 1, 40), (10, 2, 40), (25, 2, 80)]
+    # A new stage resets the collapse guard: its drop is not a collapse.
+    assert guard._best is None
     assert stages[9] == (2, 40) and stages[-1] == (2, 80)
     rng = np.random.default_rng(0)
 
