@@ -242,8 +242,8 @@ unless said):
   1,500, and 0.00 everywhere (every other run had left it by step 100-
   250). So a run still in the first stage after some steps now starts
   over, once (`--restart-stalled-after`: new LoRA factors, optimizer
-  slots zeroed). At 400 steps the default run did (0.601 at step 425, the
-  same to three digits as before: with one seed the run repeats), learned
+  slots zeroed). At 400 steps the default run did (0.601 at step 425, as
+  in a run stopped earlier: with one seed a run repeats here), learned
   1-digit keys 150 steps later, but took 325 steps for the second digit
   and ended on 3-digit keys: 0.02 at filler 0, 0.00 beyond. At 300 (the
   default now): 1-digit keys again by step 525, 3-digit keys at step
@@ -256,10 +256,11 @@ unless said):
   stages against 0.86-0.94). Next to try: a stricter stage criterion
   where runs hover at 0.90-0.93 (at the cost of not reaching the long
   fillers in the budget), more FAM vectors or layers in the base (more
-  chances for each digit position), and restarting a run whose accuracy
-  stalls. The paper fine-tunes 1B+ models on 2k-18k-token fillers for 5k
-  steps; on this 2-core CPU a step of 32 x 192 tokens takes 0.24 s
-  alone, 0.4 s with another run sharing it.
+  chances for each digit position), restarts in later stages too, and a
+  faster step so that a restart fits in the budget. The paper fine-tunes
+  1B+ models on 2k-18k-token fillers for 5k steps; on this 2-core CPU a
+  step of 32 x 192 tokens takes 0.26-0.29 s alone, 0.4 s with another
+  run sharing it.
 """
 
 import argparse
