@@ -829,9 +829,9 @@ class CurriculumSampler:
 
         class Step(keras.callbacks.Callback):
             def on_train_begin(self, logs=None):
-                self.initial = [
-                    np.array(v) for v in self.model.trainable_variables
-                ]
+                if restart_after:  # What a restart goes back to.
+                    variables = self.model.trainable_variables
+                    self.initial = [np.array(v) for v in variables]
 
             def on_epoch_begin(self, epoch, logs=None):
                 window.reset()

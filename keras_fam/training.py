@@ -621,7 +621,10 @@ class RollbackOnCollapse(keras.callbacks.Callback):
                 return
         if np.isfinite(value) and (self._best is None or self._beats(value)):
             self._best = value
-        self._copy()
+        if len(self.rollbacks) < self.max_rollbacks:
+            # No copy (a host transfer, a state sync on JAX) that can never
+            # be restored.
+            self._copy()
 
     def _beats(self, value):
         if self.mode == "max":

@@ -525,6 +525,10 @@ def test_rollback_on_collapse_limits_and_mode():
     guard.on_train_begin()
     feed(guard, [0.9] * 10 + [0.1] * 20)
     assert len(guard.rollbacks) == 1
+    # No copy is taken once no rollback is left: only the restored one.
+    assert [c[0] for c in guard._copies] == [
+        guard.rollbacks[0]["restored_step"]
+    ]
     # After `reset` (a deliberate new start) a low window is the new best.
     guard = RollbackOnCollapse("acc", check_every=5, verbose=0)
     guard.set_model(model)
