@@ -78,6 +78,85 @@ def test_filler_lengths_are_log_uniform():
     assert 0.45 < np.mean(lengths < 31) < 0.55
 
 
+def test_the_question_is_asked_again_in_the_last_segment(tokenizer):
+    task = passkey.PassKeyTask(tokenizer, key_digits=3)
+    rng = np.random.default_rng(0)
+    sample = task.document_sampler(0, 300, fill_segment=64, gaps=(8, 16))
+    answers = []
+    for _ in range(50):
+        ids, weights = sample(rng)
+        # Never past the last segment the first answer needed.
+        first_end = task.overhead() + 300
+        assert len(ids) <= -(-first_end // 64) * 64
+        answered = np.flatnonzero(weights)
+        assert len(answered) % 3 == 0
+        # Every answer is the key, right after the question.
+        key = ids[answered[:3]]
+        for start in answered[::3]:
+            np.testing.assert_array_equal(ids[start : start + 3], key)
+            question = task.question[: task.question_key[0]]
+            np.testing.assert_array_equal(
+                ids[start - len(question) : start], question
+            )
+        # The first filler as before; the others from `gaps`.
+        starts = answered[::3]
+        gaps = np.diff(starts) - len(task.question)
+        assert np.all((gaps >= 8) & (gaps <= 16))
+        answers.append(len(starts))
+        # No room left for one more question in the last segment.
+        room = -len(ids) % 64
+        assert room < 16 + len(task.question)
+    assert max(answers) > 1 and min(answers) >= 1
+    # Without `fill_segment`, one question.
+    ids, weights = task.document_sampler(0, 300)(rng)
+    assert weights.sum() == 3
+
+
+def test_key_stage_fillers_can_be_uniform(tokenizer):
+    task = passkey.PassKeyTask(tokenizer, key_digits=2)
+    sampler = passkey.CurriculumSampler(
+        task, 200, curriculum_steps=0, align=1, first_longest=40,
+        advance_at=0.9, uniform_key_fillers=True,
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+
+    def fillers():
+        lengths = []
+        for _ in range(2000):
+            ids, weights = sampler(rng)
+            digits = int(weights.sum())
+            lengths.append(len(ids) - sampler.tasks[digits].overhead())
+        return np.array(lengths)
+
+    # Uniform in [0, 40] in the key stages: 15% at most 5 (log-uniform 48%).
+    assert 0.11 < np.mean(fillers() <= 5) < 0.19
+    sampler.stage = 2  # A filler stage: log-uniform again.
+    lengths = fillers()
+    assert np.mean(lengths <= 5) > 0.2 and lengths.max() <= 80
+
+
+def test_filler_stages_can_ask_for_a_higher_accuracy(tokenizer):
+    task = passkey.PassKeyTask(tokenizer, key_digits=2)
+    sampler = passkey.CurriculumSampler(
+        task, 200, curriculum_steps=0, align=1, advance_at=0.9, window=5,
+        filler_advance_at=0.95,
+    )  # fmt: skip
+    # The last key stage (all digits, shortest fillers) and the filler
+    # stages end at 0.95, the others at 0.9.
+    assert [sampler.threshold() for sampler.stage in range(4)] == [
+        0.9, 0.95, 0.95, 0.95,
+    ]  # fmt: skip
+    sampler.stage = 0
+    step = sampler.callback()
+    step.on_epoch_begin(0)
+    for batch, accuracy in enumerate([0.92] * 20):
+        step.on_train_batch_begin(batch)
+        step.on_train_batch_end(
+            batch, {"sparse_categorical_accuracy": np.float32(accuracy)}
+        )
+    assert sampler.stage == 1  # 0.92 ends the first stage, not the second.
+
+
 def test_curriculum_grows_the_key_then_the_filler(tokenizer):
     task = passkey.PassKeyTask(tokenizer, key_digits=3)
     sampler = passkey.CurriculumSampler(
