@@ -284,13 +284,18 @@ unless said):
   defaults), 0.97 / 0.97 / 1.00 / 0.70 / 0.67 and 0.98 / 0.98 / 1.00 /
   0.99 / 0.94; + a cosine floor of 0.3 (`--learning-rate-floor`), 0.87 /
   0.84 / 1.00 / 0.85 / 0.81 and 0.84 / 0.99 / 1.00 / 0.70 / 0.59.
+  Seeds 2 and 3 of the defaults: 0.97 / 0.95 / 1.00 / 0.98 / 0.95, and
+  0.00 (a collapse to chance in the 4-digit stage at step 675; three
+  rollbacks to step 575 collapsed again).
 - What it would take: the question's block. Runs now read the key at
   fillers where question and answer share a block, and lose middle
   digits where the question starts a block earlier. Next to try: weight
   that case in training (a question that starts late in a block), a
   segment that holds more answers, and more steps (1,500 steps of 32 x
   192 tokens take 0.24 s each alone here, 0.4 s with another run; the
-  default run has 34 s left of its 10 minutes). The paper fine-tunes 1B+
+  default run has 34 s left of its 10 minutes); and a guard against the
+  collapse to chance that rollbacks alone did not stop (1 run in 4 here;
+  a lower learning rate after a rollback, say). The paper fine-tunes 1B+
   models on 2k-18k-token fillers for 5k steps.
 """
 
