@@ -470,7 +470,7 @@ class PassKeyTask:
             weights = self.loss_weights(len(ids), start, answer_only)
             if fill_segment:
                 ids, weights = self._ask_again(
-                    rng, key, ids, weights, fill_segment, gaps
+                    rng, key, ids, weights, fill_segment, gaps, answer_only
                 )
             tail = -len(ids) % align
             ids = np.concatenate([ids, self.filler(tail)])
@@ -479,9 +479,10 @@ class PassKeyTask:
 
         return sample
 
-    def _ask_again(self, rng, key, ids, weights, segment, gaps):
+    def _ask_again(self, rng, key, ids, weights, segment, gaps, answer_only):
         """Filler and the question with its answer, again, while they fit
-        in the last segment."""
+        in the last segment (weighted as `loss_weights` weights the
+        first)."""
         question = self.question.copy()
         question[self.question_key] = self.digit_ids[key]
         end = -(-len(ids) // segment) * segment
@@ -489,12 +490,10 @@ class PassKeyTask:
             gap = int(rng.integers(gaps[0], gaps[1] + 1))
             if len(ids) + gap + len(question) > end:
                 return ids, weights
-            answer = np.zeros(len(question), "float32")
-            answer[self.question_key] = 1.0
+            added = np.full(gap + len(question), 0.0 if answer_only else 1.0)
+            added[gap + self.question_key] = 1.0
             ids = np.concatenate([ids, self.filler(gap), question])
-            weights = np.concatenate(
-                [weights, np.zeros(gap, "float32"), answer]
-            )
+            weights = np.concatenate([weights, added.astype("float32")])
 
 
 def sample_filler_length(rng, shortest, longest):
@@ -820,6 +819,13 @@ class CurriculumSampler:
     accuracy while the new ones fail. Fixed (`advance_at=None`): one
     more digit every `digit_steps` steps (`0`: full keys from the start),
     then the bound grows linearly to `longest` over `curriculum_steps`.
+
+    Options: `uniform_key_fillers` draws fillers uniformly (not
+    log-uniformly) while the key grows; `filler_advance_at` is the
+    adaptive threshold from the stage with all the key's digits on
+    (`None`: `advance_at`); `fill_segment` (the training segment's
+    length) asks each episode's question again while it fits in the
+    episode's last segment (`PassKeyTask.document_sampler`).
     """
 
     def __init__(
@@ -898,9 +904,11 @@ class CurriculumSampler:
             elif focus:
                 digits = most_digits
         task = self.tasks[digits]
-        uniform = self.uniform_key_fillers and (
-            self.advance_at is None or self.stage < self.key_digits
-        )
+        if self.advance_at is not None:
+            key_stage = self.stage < self.key_digits
+        else:  # The fixed schedule's key curriculum.
+            key_stage = self.step < self.digit_steps * (self.key_digits - 1)
+        uniform = self.uniform_key_fillers and key_stage
         return task.document_sampler(
             shortest,
             longest,

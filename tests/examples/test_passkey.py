@@ -110,6 +110,13 @@ def test_the_question_is_asked_again_in_the_last_segment(tokenizer):
     # Without `fill_segment`, one question.
     ids, weights = task.document_sampler(0, 300)(rng)
     assert weights.sum() == 3
+    # A loss on every predictable token: the repeats' tokens too.
+    sample = task.document_sampler(
+        0, 10, answer_only=False, fill_segment=64, gaps=(8, 16)
+    )
+    ids, weights = sample(rng)
+    head = len(task.head)
+    assert np.all(weights[head:] == 1.0) and len(ids) > task.overhead() + 10
 
 
 def test_key_stage_fillers_can_be_uniform(tokenizer):
@@ -133,6 +140,15 @@ def test_key_stage_fillers_can_be_uniform(tokenizer):
     sampler.stage = 2  # A filler stage: log-uniform again.
     lengths = fillers()
     assert np.mean(lengths <= 5) > 0.2 and lengths.max() <= 80
+    # The fixed schedule: uniform while the key grows, not after.
+    sampler = passkey.CurriculumSampler(
+        task, 200, curriculum_steps=10, align=1, digit_steps=10,
+        first_longest=40, uniform_key_fillers=True,
+    )  # fmt: skip
+    assert 0.11 < np.mean(fillers() <= 5) < 0.19
+    sampler.step = 30
+    lengths = fillers()
+    assert np.mean(lengths <= 5) > 0.2 and lengths.max() <= 200
 
 
 def test_filler_stages_can_ask_for_a_higher_accuracy(tokenizer):
