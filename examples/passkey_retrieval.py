@@ -1404,6 +1404,9 @@ def main(argv=None):
             "fam_rms": {str(n): r for n, r in fam_rms.items()},
             "eval_seconds_by_length": {str(n): t for n, t in seconds.items()},
         }
+    curriculum = results["models"]["FAM"].get("curriculum")
+    if curriculum:  # An adaptive curriculum may end before its last stage.
+        results["longest_trained_filler"] = curriculum[-1][2]
     results["total_seconds"] = time.time() - total_start
     results["cpu_seconds"] = time.process_time() - cpu_start
     results["load_average"] = os.getloadavg()

@@ -12,8 +12,10 @@ def plot_passkey(results, path):
             chance level, `results["config"]["train_length"]` (optional)
             the training segment, `results["config"]["longest_filler"]`
             (optional) the longest filler trained on (streamed over several
-            segments), `results["base"]` (optional) the base
-            model's accuracy inside its context.
+            segments; `results["longest_trained_filler"]`, when given,
+            replaces it: a curriculum may end before it),
+            `results["base"]` (optional) the base model's accuracy inside
+            its context.
         path: str. Where to write the PNG.
 
     Returns:
@@ -24,7 +26,7 @@ def plot_passkey(results, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(9, 4.8))
+    figure, axis = plt.subplots(figsize=(10.5, 4.8))
     # BSWA lines differ in colour, marker and dash, and are shifted a
     # little along the (log) x axis, so they stay apart where they overlap
     # (at chance, or at 100% inside their window).
@@ -80,7 +82,9 @@ def plot_passkey(results, path):
             linewidth=0.8,
             label=f"training segment ({train_length} tokens)",
         )
-    longest = results.get("config", {}).get("longest_filler")
+    longest = results.get("longest_trained_filler") or results.get(
+        "config", {}
+    ).get("longest_filler")
     if longest and longest != train_length:
         axis.axvline(
             longest,
@@ -112,7 +116,8 @@ def plot_passkey(results, path):
         )
     axis.set_title(title, fontsize=10)
     axis.grid(alpha=0.3)
-    axis.legend(loc="center right", fontsize=8)
+    # Beside the axes: inside, it hides some curve wherever it goes.
+    axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

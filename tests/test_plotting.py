@@ -15,7 +15,10 @@ def _png_pixels(path):
 
 def test_plot_passkey_draws_every_model(tmp_path):
     results = {
-        "config": {"train_length": 256},  # Drawn as a vertical line.
+        # Drawn as vertical lines (the curriculum's longest filler, where
+        # it ended before the configured one).
+        "config": {"train_length": 256, "longest_filler": 4096},
+        "longest_trained_filler": 2048,
         "chance": 0.1,
         "models": {
             "FAM": {
