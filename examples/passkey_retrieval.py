@@ -404,13 +404,19 @@ class PassKeyTask:
 
     def sequence(self, key, filler_length, phase=0):
         """`(token_ids, answer_start)` for one key (digit values)."""
-        head, question = self.head.copy(), self.question.copy()
+        head = self.head.copy()
         head[self.head_key] = np.tile(self.digit_ids[key], 2)
-        question[self.question_key] = self.digit_ids[key]
+        question = self.answered_question(key)
         filler = self.filler(filler_length, phase)
         ids = np.concatenate([head, filler, question])
         start = len(head) + filler_length + self.question_key[0]
         return ids, start
+
+    def answered_question(self, key):
+        """The question's ids with `key`'s digits as its answer."""
+        question = self.question.copy()
+        question[self.question_key] = self.digit_ids[key]
+        return question
 
     def batch(self, rng, batch, filler_length):
         """`(token_ids (B, T), keys (B, K), answer_start)`."""
@@ -483,8 +489,7 @@ class PassKeyTask:
         """Filler and the question with its answer, again, while they fit
         in the last segment (weighted as `loss_weights` weights the
         first)."""
-        question = self.question.copy()
-        question[self.question_key] = self.digit_ids[key]
+        question = self.answered_question(key)
         end = -(-len(ids) // segment) * segment
         while True:
             gap = int(rng.integers(gaps[0], gaps[1] + 1))
@@ -793,6 +798,7 @@ def fine_tune_fam(args, task):
     history = dict(history.history)
     history["rollbacks"] = guard.rollbacks if guard else []
     history["curriculum"] = sampler.history
+    history["longest_filler"] = sampler.bounds()[1]  # Where it ended.
     history["train_accuracy_windows"] = sampler.accuracy_log
     history["restarts"] = sampler.restarts
     return lm, time.time() - start, history
@@ -873,10 +879,9 @@ class CurriculumSampler:
         """`(most digits, longest filler)` at the current step."""
         if self.advance_at is not None:
             return self.stages[self.stage]
-        digits, grow_from = self.key_digits, 0
+        digits, grow_from = self.key_digits, self._key_steps()
         if self.digit_steps:
             digits = min(self.key_digits, 1 + self.step // self.digit_steps)
-            grow_from = self.digit_steps * (self.key_digits - 1)
         longest = min(self.first_longest, self.longest)
         if self.step >= grow_from:
             done = self.step - grow_from
@@ -886,6 +891,10 @@ class CurriculumSampler:
                 span = self.longest - longest
                 longest += span * done // self.curriculum_steps
         return digits, longest
+
+    def _key_steps(self):
+        """Fixed schedule: the steps of its key curriculum."""
+        return self.digit_steps * (self.key_digits - 1)
 
     def __call__(self, rng):
         most_digits, longest = self.bounds()
@@ -907,7 +916,7 @@ class CurriculumSampler:
         if self.advance_at is not None:
             key_stage = self.stage < self.key_digits
         else:  # The fixed schedule's key curriculum.
-            key_stage = self.step < self.digit_steps * (self.key_digits - 1)
+            key_stage = self.step < self._key_steps()
         uniform = self.uniform_key_fillers and key_stage
         return task.document_sampler(
             shortest,
@@ -1210,7 +1219,7 @@ def parse_args(argv=None):
         action=argparse.BooleanOptionalAction,
         default=True,
         help="Ask the question again in what is left of an episode's last "
-        "training segment (more answers per step).",
+        "training segment (more answers per step; with --document-resets).",
     )
     add(
         "--filler-advance-at",
@@ -1404,9 +1413,8 @@ def main(argv=None):
             "fam_rms": {str(n): r for n, r in fam_rms.items()},
             "eval_seconds_by_length": {str(n): t for n, t in seconds.items()},
         }
-    curriculum = results["models"]["FAM"].get("curriculum")
-    if curriculum:  # An adaptive curriculum may end before its last stage.
-        results["longest_trained_filler"] = curriculum[-1][2]
+        if fam_length:  # A curriculum may end before its last stage.
+            results["longest_trained_filler"] = history["longest_filler"]
     results["total_seconds"] = time.time() - total_start
     results["cpu_seconds"] = time.process_time() - cpu_start
     results["load_average"] = os.getloadavg()

@@ -328,6 +328,9 @@ def test_reduced_pipeline_writes_table_json_and_plot(tmp_path, capsys):
     assert set(bswa["accuracy"]) == {"0", "40"}
     assert bswa["receptive_field"] == 2 * 2 * 16
     assert fam["receptive_field"] is None
+    # The longest filler the curriculum reached (plotted): a stage's bound.
+    stages = {bound for _, _, bound in fam["curriculum"]}
+    assert saved["longest_trained_filler"] == max(stages)
     assert fam["rollbacks"] == [] and fam["curriculum"][0] == [0, 1, 40]
     assert fam["restarts"] == []
     for entry in saved["models"].values():
