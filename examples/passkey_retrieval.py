@@ -319,6 +319,7 @@ from keras_fam.state import FAMStreamer  # noqa: E402
 from keras_fam.training import (  # noqa: E402
     LogWindow,
     RollbackOnCollapse,
+    SampleWeightTotal,
     streamed_dataset,
 )
 
@@ -445,9 +446,19 @@ class PassKeyTask:
         uniform=False,
         fill_segment=None,
         gaps=(16, 64),
+        block=None,
+        crossing_share=0.0,
     ):
         """`rng -> (token_ids, weights)` with a log-uniform filler length
         in `[shortest, longest]`, for `streamed_dataset`.
+
+        With `crossing_share` (and `block`, the block size; episodes must
+        start at block boundaries) that share of the questions are moved
+        (their filler lengthened by less than a block) so that question
+        and answer cross a block boundary: the answer's block then starts
+        after the question began, or the key's last digits start a block
+        of their own, and what was read before the boundary must come
+        through the memory.
 
         With `fill_segment` (the training segment's length), the question is
         asked again, after `gaps` (uniform, in tokens) of filler, as long as
@@ -470,13 +481,23 @@ class PassKeyTask:
                 filler = int(rng.integers(shortest, longest + 1))
             else:
                 filler = sample_filler_length(rng, shortest, longest)
+            if crossing_share and rng.uniform() < crossing_share:
+                filler += self._crossing(rng, len(self.head) + filler, block)
             key = rng.integers(0, 10, self.key_digits)
             phase = int(rng.integers(len(self.cycle))) if random_phase else 0
             ids, start = self.sequence(key, filler, phase)
             weights = self.loss_weights(len(ids), start, answer_only)
             if fill_segment:
                 ids, weights = self._ask_again(
-                    rng, key, ids, weights, fill_segment, gaps, answer_only
+                    rng,
+                    key,
+                    ids,
+                    weights,
+                    fill_segment,
+                    gaps,
+                    answer_only,
+                    block,
+                    crossing_share,
                 )
             tail = -len(ids) % align
             ids = np.concatenate([ids, self.filler(tail)])
@@ -485,7 +506,18 @@ class PassKeyTask:
 
         return sample
 
-    def _ask_again(self, rng, key, ids, weights, segment, gaps, answer_only):
+    def _ask_again(
+        self,
+        rng,
+        key,
+        ids,
+        weights,
+        segment,
+        gaps,
+        answer_only,
+        block=None,
+        crossing_share=0.0,
+    ):
         """Filler and the question with its answer, again, while they fit
         in the last segment (weighted as `loss_weights` weights the
         first)."""
@@ -493,12 +525,25 @@ class PassKeyTask:
         end = -(-len(ids) // segment) * segment
         while True:
             gap = int(rng.integers(gaps[0], gaps[1] + 1))
+            if crossing_share and rng.uniform() < crossing_share:
+                gap += self._crossing(rng, len(ids) + gap, block)
             if len(ids) + gap + len(question) > end:
                 return ids, weights
             added = np.full(gap + len(question), 0.0 if answer_only else 1.0)
             added[gap + self.question_key] = 1.0
             ids = np.concatenate([ids, self.filler(gap), question])
             weights = np.concatenate([weights, added.astype("float32")])
+
+    def _crossing(self, rng, position, block):
+        """Tokens (fewer than `block`) to add before a question at
+        `position` so that it starts where question and answer cross a
+        block boundary (its last digit in the next block), at an offset
+        drawn uniformly from those."""
+        if not block:
+            raise ValueError("`crossing_share` needs `block`.")
+        last = int(self.question_key[-1])
+        offset = int(rng.integers(max(block - last, 1), block))
+        return (offset - position) % block
 
 
 def sample_filler_length(rng, shortest, longest):
@@ -723,7 +768,9 @@ def compile_for_fine_tuning(lm, args, steps):
             schedule, weight_decay=0.0, clipnorm=1.0
         ),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        weighted_metrics=["sparse_categorical_accuracy"],
+        # The digits answered per step vary (keys of 1-5 digits, questions
+        # asked again): windows of the accuracy are weighted by them.
+        weighted_metrics=["sparse_categorical_accuracy", SampleWeightTotal()],
     )
 
 
@@ -768,6 +815,8 @@ def fine_tune_fam(args, task):
             if args.ask_again and args.document_resets
             else None
         ),
+        block=args.block_size,
+        crossing_share=args.crossing_share,
     )
     data = streamed_dataset(
         sampler,
@@ -781,7 +830,10 @@ def fine_tune_fam(args, task):
     guard = None
     if args.rollback_on_collapse:
         guard = RollbackOnCollapse(
-            "sparse_categorical_accuracy", check_every=args.rollback_every
+            "sparse_categorical_accuracy",
+            check_every=args.rollback_every,
+            weight_log="sample_weight_total",
+            learning_rate_factor=args.rollback_learning_rate_factor,
         )
     restart_after = args.restart_stalled_after or None
     # The guard first: a restart then resets it after it saw that step.
@@ -849,6 +901,8 @@ class CurriculumSampler:
         uniform_key_fillers=False,
         filler_advance_at=None,
         fill_segment=None,
+        block=None,
+        crossing_share=0.0,
     ):
         self.tasks = {
             d: task.with_digits(d) for d in range(1, task.key_digits + 1)
@@ -863,6 +917,7 @@ class CurriculumSampler:
         self.uniform_key_fillers = uniform_key_fillers
         self.filler_advance_at = filler_advance_at
         self.fill_segment = fill_segment
+        self.block, self.crossing_share = block, crossing_share
         first = min(first_longest, longest)
         self.stages = [(d, first) for d in range(1, self.key_digits + 1)]
         while self.stages[-1][1] < longest:
@@ -925,6 +980,8 @@ class CurriculumSampler:
             random_phase=self.random_phase,
             uniform=uniform,
             fill_segment=self.fill_segment,
+            block=self.block,
+            crossing_share=self.crossing_share,
         )(rng)
 
     def callback(self, restart_after=None, seed=0, guard=None):
@@ -937,7 +994,9 @@ class CurriculumSampler:
         runs before this callback) is reset at every new stage and at a
         restart, so that it takes neither drop for a collapse."""
         sampler = self
-        window = LogWindow("sparse_categorical_accuracy", self.window)
+        window = LogWindow(
+            "sparse_categorical_accuracy", self.window, "sample_weight_total"
+        )
 
         class Step(keras.callbacks.Callback):
             def on_train_begin(self, logs=None):
@@ -1222,6 +1281,13 @@ def parse_args(argv=None):
         "training segment (more answers per step; with --document-resets).",
     )
     add(
+        "--crossing-share",
+        type=float,
+        default=0.0,
+        help="Share of training questions moved to cross a block boundary "
+        "(question and answer in two blocks).",
+    )
+    add(
         "--filler-advance-at",
         type=_optional_float,
         default=0.95,
@@ -1293,6 +1359,13 @@ def parse_args(argv=None):
         default=50,
         help="Steps per window of RollbackOnCollapse.",
     )
+    add(
+        "--rollback-learning-rate-factor",
+        type=_optional_float,
+        default=None,
+        help="Multiply the learning rate by this after each rollback "
+        "('none': keep it).",
+    )
     add("--fam-steps", type=int, default=1500)
     add("--bswa-steps", type=int, default=100)
     add("--bswa-train-length", type=int, default=320)
@@ -1326,7 +1399,15 @@ def parse_args(argv=None):
         default=64,
         help="Whole blocks per compiled streaming step.",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.crossing_share and not (
+        args.document_resets or args.align_episodes
+    ):
+        parser.error(
+            "--crossing-share needs episodes that start at block boundaries "
+            "(--document-resets or --align-episodes)"
+        )
+    return args
 
 
 def main(argv=None):

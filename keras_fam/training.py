@@ -475,50 +475,154 @@ def _document(sample_document, rng):
     return ids, weight
 
 
+@keras.saving.register_keras_serializable(package="keras_fam")
+class SampleWeightTotal(keras.metrics.Metric):
+    """The total sample weight seen since the last reset (every epoch in
+    `fit`): what `LogWindow(weight_log=...)` needs to recover a weighted
+    metric's mean over a window of steps.
+
+    Compile it among the `weighted_metrics` (the plain `metrics` get no
+    sample weights); without sample weights it counts the targets.
+
+    Example:
+
+    >>> model.compile(
+    ...     "adam",
+    ...     "sparse_categorical_crossentropy",
+    ...     weighted_metrics=["accuracy", SampleWeightTotal()],
+    ... )
+    """
+
+    def __init__(self, name="sample_weight_total", dtype="float32"):
+        super().__init__(name=name, dtype=dtype)
+        self.total = self.add_variable(
+            shape=(), initializer="zeros", dtype=self.dtype, name="total"
+        )
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        if sample_weight is None:
+            weight = ops.cast(ops.size(y_true), self.dtype)
+        else:
+            weight = ops.sum(ops.cast(sample_weight, self.dtype))
+        self.total.assign_add(weight)
+
+    def result(self):
+        return ops.convert_to_tensor(self.total)
+
+    def reset_state(self):
+        self.total.assign(0.0)
+
+
 class LogWindow:
     """Means of one training log over windows of `steps` steps.
 
     Keras logs running means that restart every epoch; the mean over the
-    steps since the last window is recovered from two of them (exact for
-    the loss with a fixed batch size; for a weighted metric it weights each
-    step alike). Call `reset()` at the start of every epoch and
-    `update(batch, logs)` after every step (from a callback's
-    `on_epoch_begin` and `on_train_batch_end`).
+    steps since the last window is recovered from two of them. Unweighted
+    (the loss with a fixed batch size), each step counts alike. A weighted
+    metric's running mean weights each step by its sample weight, which
+    varies from step to step (answers per batch, say): pass `weight_log`,
+    the log of a `SampleWeightTotal` compiled beside it, and the window's
+    mean is exact (weighting steps alike, a window right after the weights
+    grew read above 1 for an accuracy). Call `reset()` at the start of
+    every epoch and `update(batch, logs)` after every step (from a
+    callback's `on_epoch_begin` and `on_train_batch_end`).
 
     Args:
         monitor: str. The training log, e.g. `"loss"` or
             `"sparse_categorical_accuracy"`.
         steps: int. Steps per window.
+        weight_log: `None` or str. The log of the total sample weight since
+            the epoch began (`SampleWeightTotal`).
     """
 
-    def __init__(self, monitor, steps):
-        if not isinstance(monitor, str) or not monitor:
-            raise ValueError(
-                "`monitor` must be the name of a training log. "
-                f"Received: monitor={monitor!r}"
-            )
-        self.monitor = monitor
+    def __init__(self, monitor, steps, weight_log=None):
+        for name, value in (("monitor", monitor), ("weight_log", weight_log)):
+            if value is None and name == "weight_log":
+                continue
+            if not isinstance(value, str) or not value:
+                raise ValueError(
+                    f"`{name}` must be the name of a training log. "
+                    f"Received: {name}={value!r}"
+                )
+        self.monitor, self.weight_log = monitor, weight_log
         self.steps = check_int("steps", steps)
         self.reset()
 
     def reset(self):
-        self._last = (0, 0.0)  # (steps done in the epoch, running mean)
+        self._last = (0, 0.0, 0.0)  # (steps done, running mean, its weight)
 
     def update(self, batch, logs):
         """The mean over the window that step `batch` (0-based within the
-        epoch) completes, else `None`."""
+        epoch) completes, else `None` (also when the window had no
+        weight)."""
         done = batch + 1
-        last_done, last_mean = self._last
+        last_done, last_mean, last_weight = self._last
         if done - last_done < self.steps:
             return None
-        if logs is None or self.monitor not in logs:
-            raise ValueError(
-                f"`monitor={self.monitor!r}` is not among the training logs "
-                f"{sorted(logs or {})}."
-            )
+        for name in (self.monitor, self.weight_log):
+            if name is not None and (logs is None or name not in logs):
+                raise ValueError(
+                    f"`{name!r}` is not among the training logs "
+                    f"{sorted(logs or {})}."
+                )
         mean = float(np.asarray(logs[self.monitor]))
-        self._last = (done, mean)
-        return (done * mean - last_done * last_mean) / (done - last_done)
+        weight = float(done)
+        if self.weight_log is not None:
+            weight = float(np.asarray(logs[self.weight_log]))
+        self._last = (done, mean, weight)
+        if weight <= last_weight:
+            return None
+        return (weight * mean - last_weight * last_mean) / (
+            weight - last_weight
+        )
+
+
+@keras.saving.register_keras_serializable(package="keras_fam")
+class ScaledLearningRate(keras.optimizers.schedules.LearningRateSchedule):
+    """A learning-rate schedule times a constant `scale`.
+
+    What `RollbackOnCollapse(learning_rate_factor=...)` puts in place of an
+    optimizer's schedule when it lowers the learning rate (Keras' own
+    `ReduceLROnPlateau` accepts float learning rates only).
+
+    Args:
+        schedule: a `keras.optimizers.schedules.LearningRateSchedule`.
+        scale: float > 0.
+
+    Example:
+
+    >>> cosine = keras.optimizers.schedules.CosineDecay(1e-3, 100)
+    >>> float(ScaledLearningRate(cosine, 0.5)(0))
+    0.0005
+    """
+
+    def __init__(self, schedule, scale):
+        if not isinstance(
+            schedule, keras.optimizers.schedules.LearningRateSchedule
+        ):
+            raise ValueError(
+                "`schedule` must be a `LearningRateSchedule`. Received: "
+                f"schedule={schedule!r}"
+            )
+        self.schedule = schedule
+        self.scale = check_float("scale", scale, above=0.0)
+
+    def __call__(self, step):
+        return self.schedule(step) * self.scale
+
+    def get_config(self):
+        return {
+            "schedule": keras.optimizers.schedules.serialize(self.schedule),
+            "scale": self.scale,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["schedule"] = keras.optimizers.schedules.deserialize(
+            config["schedule"]
+        )
+        return cls(**config)
 
 
 class RollbackOnCollapse(keras.callbacks.Callback):
@@ -555,12 +659,23 @@ class RollbackOnCollapse(keras.callbacks.Callback):
             the best before it counts as a collapse.
         max_rollbacks: int >= 0. Rollbacks allowed in one `fit`; after that
             training goes on without them.
+        learning_rate_factor: `None` or a float in `(0, 1]`. Multiplies the
+            optimizer's learning rate after each rollback, for the rest of
+            the fit (a run that collapses again from the restored state at
+            the same learning rate tends to, as PassKey's seed 3 did three
+            times). A float learning rate is assigned; a schedule is wrapped
+            in `ScaledLearningRate` (and the train function traced again, as
+            the JAX and TensorFlow ones hold the schedule's constants).
+            `None` (the default) leaves it alone.
+        weight_log: `None` or str. For a weighted `monitor`, the log of a
+            `SampleWeightTotal` compiled beside it (see `LogWindow`).
         verbose: int. `1` prints each rollback.
 
     Attributes:
         rollbacks: one dict per rollback in the last `fit`: `step` (the
             global step it was detected at), `value` (the collapsed window
-            mean), `best`, and `restored_step` (the step of the copy).
+            mean), `best`, `restored_step` (the step of the copy) and
+            `learning_rate_scale` (the product of the factors so far).
 
     Example:
 
@@ -577,10 +692,14 @@ class RollbackOnCollapse(keras.callbacks.Callback):
         check_every=50,
         collapse_ratio=0.5,
         max_rollbacks=3,
+        learning_rate_factor=None,
+        weight_log=None,
         verbose=1,
     ):
         super().__init__()
-        self.window = LogWindow(monitor, check_int("check_every", check_every))
+        self.window = LogWindow(
+            monitor, check_int("check_every", check_every), weight_log
+        )
         check_choice("mode", mode, ("min", "max", "auto"))
         if mode == "auto":
             mode = "max" if "acc" in monitor else "min"
@@ -592,12 +711,21 @@ class RollbackOnCollapse(keras.callbacks.Callback):
         self.max_rollbacks = check_int(
             "max_rollbacks", max_rollbacks, minimum=0
         )
+        if learning_rate_factor is not None:
+            learning_rate_factor = check_float(
+                "learning_rate_factor",
+                learning_rate_factor,
+                above=0.0,
+                maximum=1.0,
+            )
+        self.learning_rate_factor = learning_rate_factor
         self.verbose = check_int("verbose", verbose, minimum=0)
         self.rollbacks = []
 
     def on_train_begin(self, logs=None):
         self.rollbacks = []
         self._step = 0
+        self._scale = 1.0
         self.reset()
 
     def reset(self):
@@ -658,12 +786,17 @@ class RollbackOnCollapse(keras.callbacks.Callback):
         for variable, copy in zip(variables, weights + slots, strict=True):
             variable.assign(copy)
         self._copies = self._copies[:1]
+        lowered = ""
+        if self.learning_rate_factor is not None:
+            self._lower_learning_rate()
+            lowered = f" Learning rate now x{self._scale:.3g}."
         self.rollbacks.append(
             {
                 "step": self._step,
                 "value": value,
                 "best": self._best,
                 "restored_step": step,
+                "learning_rate_scale": self._scale,
             }
         )
         if self.verbose:
@@ -671,5 +804,29 @@ class RollbackOnCollapse(keras.callbacks.Callback):
                 f"\nRollbackOnCollapse: {self.monitor} over the last "
                 f"{self.check_every} steps was {value:.4g} (best "
                 f"{self._best:.4g}) at step {self._step}; restored the "
-                f"weights of step {step}."
+                f"weights of step {step}.{lowered}"
+            )
+
+    def _lower_learning_rate(self):
+        model = self.model
+        optimizer = model.optimizer
+        factor = self.learning_rate_factor
+        self._scale *= factor
+        # The optimizer's own learning rate (a variable or a schedule): the
+        # public `learning_rate` returns its current value only.
+        current = optimizer._learning_rate
+        if isinstance(current, keras.optimizers.schedules.LearningRateSchedule):
+            if isinstance(current, ScaledLearningRate):
+                current = current.schedule
+            optimizer.learning_rate = ScaledLearningRate(current, self._scale)
+            # Compiled train functions hold the schedule's constants.
+            model.make_train_function(force=True)
+        elif isinstance(current, keras.Variable):
+            # Restored with the slots, so scaled from the copy's value.
+            current.assign(current * factor)
+        else:
+            raise ValueError(
+                "`learning_rate_factor` needs an optimizer whose learning "
+                "rate is a float or a `LearningRateSchedule`. Received: "
+                f"learning_rate={current!r}"
             )

@@ -13,6 +13,8 @@ from keras_fam.training import (
     RandomPositionOffset,
     RandomStatePassing,
     RollbackOnCollapse,
+    SampleWeightTotal,
+    ScaledLearningRate,
     streamed_batches,
     streamed_dataset,
 )
@@ -484,6 +486,57 @@ def test_log_window_recovers_window_means_from_running_means():
         LogWindow("loss", 0)
 
 
+def test_log_window_weights_steps_by_their_sample_weight():
+    rng = np.random.default_rng(0)
+    correct = rng.uniform(size=20)  # Per-step accuracy.
+    weights = np.concatenate([np.full(10, 1.0), np.full(10, 100.0)])
+    window = LogWindow("acc", 5, weight_log="total")
+    unweighted = LogWindow("acc", 5)
+    means, naive = [], []
+    for batch in range(20):
+        done = slice(0, batch + 1)
+        total = weights[done].sum()
+        logs = {  # What Keras logs: the weighted running mean.
+            "acc": (weights[done] * correct[done]).sum() / total,
+            "total": total,
+        }
+        for log_window, found in ((window, means), (unweighted, naive)):
+            mean = log_window.update(batch, logs)
+            if mean is not None:
+                found.append(mean)
+    expected = [correct[i : i + 5].mean() for i in range(0, 20, 5)]
+    np.testing.assert_allclose(means, expected)
+    # Weighting every step alike is off once the weights change.
+    assert abs(naive[2] - expected[2]) > 0.1
+    with pytest.raises(ValueError, match="total"):
+        LogWindow("acc", 5, weight_log="total").update(4, {"acc": 0.5})
+    with pytest.raises(ValueError, match="weight_log"):
+        LogWindow("acc", 5, weight_log="")
+
+
+def test_sample_weight_total_under_fit():
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    model.compile(
+        "sgd",
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        weighted_metrics=["sparse_categorical_accuracy", SampleWeightTotal()],
+    )
+    x = np.zeros((12, 4), "float32")
+    y = np.zeros((12,), "int32")
+    weight = np.arange(12, dtype="float32")
+    history = model.fit(
+        x, y, sample_weight=weight, batch_size=4, epochs=2, verbose=0
+    )
+    # Reset every epoch: each epoch's total is the whole weight.
+    assert history.history["sample_weight_total"] == [66.0, 66.0]
+    metric = SampleWeightTotal()
+    metric.update_state(np.zeros((2, 3)), None)
+    assert float(numpy(metric.result())) == 6.0
+    config = keras.saving.serialize_keras_object(metric)
+    again = keras.saving.deserialize_keras_object(config)
+    assert isinstance(again, SampleWeightTotal)
+
+
 @pytest.mark.parametrize("epoch_length", [None, 7])
 def test_rollback_on_collapse_detects_collapses_not_declines(epoch_length):
     model, _, _ = regression()
@@ -547,6 +600,8 @@ def test_rollback_on_collapse_limits_and_mode():
         ({"check_every": 0}, "check_every"),
         ({"collapse_ratio": 1.0}, "collapse_ratio"),
         ({"max_rollbacks": -1}, "max_rollbacks"),
+        ({"learning_rate_factor": 0.0}, "learning_rate_factor"),
+        ({"learning_rate_factor": 1.5}, "learning_rate_factor"),
     ],
 )
 def test_rollback_on_collapse_bad_arguments(kwargs, name):
@@ -559,3 +614,63 @@ def test_rollback_on_collapse_names_a_missing_log():
     guard = RollbackOnCollapse("accuracy", check_every=2)
     with pytest.raises(ValueError, match="accuracy.*loss"):
         model.fit(x, y, batch_size=64, epochs=1, verbose=0, callbacks=[guard])
+
+
+@pytest.mark.parametrize("schedule", [False, True])
+def test_rollback_on_collapse_lowers_the_learning_rate(schedule):
+    def run(factor):
+        keras.utils.set_random_seed(0)  # The same weights in both runs.
+        learning_rate = 0.01
+        if schedule:
+            learning_rate = keras.optimizers.schedules.ExponentialDecay(
+                0.01, decay_steps=10, decay_rate=0.9
+            )
+        model, x, y = regression(keras.optimizers.Adam(learning_rate))
+        guard = RollbackOnCollapse(
+            check_every=10, learning_rate_factor=factor, verbose=0
+        )
+        sabotage = Sabotage(at=25, record=(30, 31))
+        model.fit(
+            x,
+            y,
+            batch_size=64,
+            epochs=1,
+            shuffle=False,
+            verbose=0,
+            callbacks=[guard, sabotage],
+        )
+        # The first step after the rollback (from the restored state).
+        moved = sabotage.seen[31][0][0] - sabotage.seen[30][0][0]
+        return model, guard, moved
+
+    model, guard, moved = run(0.5)
+    _, _, moved_before = run(None)
+    assert [r["learning_rate_scale"] for r in guard.rollbacks] == [0.5]
+    # The train function uses the halved rate: from the same state and
+    # batch, Adam's step is proportional to the learning rate.
+    np.testing.assert_allclose(moved, 0.5 * moved_before, rtol=1e-4)
+    optimizer = model.optimizer
+    expected = 0.01 * 0.5
+    if schedule:
+        assert isinstance(optimizer._learning_rate, ScaledLearningRate)
+        expected *= 0.9 ** (int(numpy(optimizer.iterations)) / 10)
+    np.testing.assert_allclose(
+        float(numpy(optimizer.learning_rate)), expected, rtol=1e-5
+    )
+
+
+def test_scaled_learning_rate_serializes():
+    cosine = keras.optimizers.schedules.CosineDecay(1e-3, 100)
+    scaled = ScaledLearningRate(cosine, 0.25)
+    again = keras.optimizers.schedules.deserialize(
+        keras.optimizers.schedules.serialize(scaled)
+    )
+    assert isinstance(again, ScaledLearningRate)
+    for step in (0, 50):
+        np.testing.assert_allclose(
+            float(numpy(again(step))), float(numpy(cosine(step))) * 0.25
+        )
+    with pytest.raises(ValueError, match="scale"):
+        ScaledLearningRate(cosine, 0.0)
+    with pytest.raises(ValueError, match="schedule"):
+        ScaledLearningRate(1e-3, 0.5)

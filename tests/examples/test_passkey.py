@@ -119,6 +119,47 @@ def test_the_question_is_asked_again_in_the_last_segment(tokenizer):
     assert np.all(weights[head:] == 1.0) and len(ids) > task.overhead() + 10
 
 
+def test_questions_can_be_moved_to_cross_a_block_boundary(tokenizer):
+    task = passkey.PassKeyTask(tokenizer, key_digits=3)
+    last = int(task.question_key[-1])
+
+    def offsets(share, **kwargs):
+        sample = task.document_sampler(
+            0, 300, block=16, crossing_share=share, **kwargs
+        )
+        rng = np.random.default_rng(0)
+        found = []
+        for _ in range(400):
+            ids, weights = sample(rng)
+            answered = np.flatnonzero(weights)
+            for start in answered[::3]:  # Each question's first token.
+                np.testing.assert_array_equal(
+                    ids[start : start + 3], ids[answered[:3]]
+                )
+                found.append(start - task.question_key[0])
+        return np.array(found) % 16
+
+    # Crossing: the question starts before the block boundary that its
+    # last digit lies after (offsets 16 - last .. 15).
+    def crossing(found):
+        return np.mean(found >= 16 - last)
+
+    share = crossing(offsets(0.0))
+    assert 0.8 * last / 16 < share < 1.25 * last / 16
+    moved = offsets(0.5)
+    assert crossing(moved) == pytest.approx(share + 0.5 * (1 - share), abs=0.06)
+    # Every crossing offset is drawn (uniformly), the others stay.
+    counts = np.bincount(moved, minlength=16)
+    assert np.all(counts > 0)
+    # The repeated questions too.
+    repeats = offsets(1.0, fill_segment=64, gaps=(8, 16))
+    assert crossing(repeats) == 1.0 and len(repeats) > 400
+    with pytest.raises(ValueError, match="block"):
+        task.document_sampler(0, 300, crossing_share=0.5)(
+            np.random.default_rng(0)
+        )
+
+
 def test_key_stage_fillers_can_be_uniform(tokenizer):
     task = passkey.PassKeyTask(tokenizer, key_digits=2)
     sampler = passkey.CurriculumSampler(
