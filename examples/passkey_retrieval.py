@@ -1283,7 +1283,7 @@ def parse_args(argv=None):
     add(
         "--crossing-share",
         type=float,
-        default=0.0,
+        default=0.5,
         help="Share of training questions moved to cross a block boundary "
         "(question and answer in two blocks).",
     )

@@ -209,7 +209,11 @@ def test_filler_stages_can_ask_for_a_higher_accuracy(tokenizer):
     for batch, accuracy in enumerate([0.92] * 20):
         step.on_train_batch_begin(batch)
         step.on_train_batch_end(
-            batch, {"sparse_categorical_accuracy": np.float32(accuracy)}
+            batch,
+            {
+                "sparse_categorical_accuracy": np.float32(accuracy),
+                "sample_weight_total": 10.0 * (batch + 1),
+            },
         )
     assert sampler.stage == 1  # 0.92 ends the first stage, not the second.
 
@@ -257,7 +261,10 @@ def test_adaptive_curriculum_moves_on_when_a_stage_is_learned(tokenizer):
     stages = []
     for batch, _ in enumerate(accuracies):
         step.on_train_batch_begin(batch)
-        logs = {"sparse_categorical_accuracy": np.mean(accuracies[: batch + 1])}
+        logs = {
+            "sparse_categorical_accuracy": np.mean(accuracies[: batch + 1]),
+            "sample_weight_total": 10.0 * (batch + 1),
+        }
         step.on_train_batch_end(batch, logs)
         stages.append(sampler.bounds())
     # A window of 5 steps at 0.95 moves it on; one at 0.92 again.
@@ -312,7 +319,11 @@ def test_a_run_stalled_in_the_first_stage_starts_over_once(tokenizer):
     for batch in range(20):
         step.on_train_batch_begin(batch)
         step.on_train_batch_end(
-            batch, {"sparse_categorical_accuracy": np.float32(0.5)}
+            batch,
+            {
+                "sparse_categorical_accuracy": np.float32(0.5),
+                "sample_weight_total": 10.0 * (batch + 1),
+            },
         )
     assert sampler.restarts == [(10, pytest.approx(0.5))]
     assert sampler.stage == 0
