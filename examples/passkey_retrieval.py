@@ -331,7 +331,7 @@ unless said):
   read nothing beyond what they trained on.
 - What it would take: runs that learn the 5-digit stage as fast as seed
   0 does (200 steps) or more steps for the others (1,500 steps of 32 x
-  192 tokens take 0.24 s each alone here; the default run has about 30 s
+  192 tokens take 0.24 s each alone here; the default run has about 60 s
   left of its 10 minutes), and answers split by a block boundary (0.65 at
   best; a memory segment would show the answer its question, but the key
   curriculum then stalled). `RollbackOnCollapse(learning_rate_factor=...)`
