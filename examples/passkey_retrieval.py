@@ -329,8 +329,8 @@ unless said):
   ones: with exact windows they spend 275 to over 900 steps on 5-digit
   keys at 40-token fillers, reach the long fillers late or never, and
   read nothing beyond what they trained on.
-- What it would take: runs that learn the 5-digit stage as fast as seed
-  0 does (200 steps) or more steps for the others (1,500 steps of 32 x
+- What it would take: runs that pass the 5-digit stage as fast as seed
+  0 does (150 steps) or more steps for the others (1,500 steps of 32 x
   192 tokens take 0.24 s each alone here; the default run has about 60 s
   left of its 10 minutes), and answers split by a block boundary (0.65 at
   best; a memory segment would show the answer its question, but the key
