@@ -592,7 +592,7 @@ class ScaledLearningRate(keras.optimizers.schedules.LearningRateSchedule):
     Example:
 
     >>> cosine = keras.optimizers.schedules.CosineDecay(1e-3, 100)
-    >>> float(ScaledLearningRate(cosine, 0.5)(0))
+    >>> round(float(ScaledLearningRate(cosine, 0.5)(0)), 6)
     0.0005
     """
 
