@@ -91,7 +91,7 @@ Status (issue 9, shared 2-core CPU): the default command reads 0.93 /
 1k / 3k / 16k / 64k / 262k (seed 0, alone, base cached, 539 s wall; the
 misses at filler 0, where the question starts in the key's own block,
 are the key's second digit), and BSWA reads 0.00 beyond its field. But
-seeds 1-3 of the same defaults read 0.00-0.21 from 1k on (the last
+seeds 1-4 of the same defaults read 0.00-0.21 from 1k on (the last
 bullets below; the README has the table of seeds): the recipe is not
 robust yet.
 What we measured, in order (LoRA
@@ -315,7 +315,8 @@ unless said):
   early. They are exact now (`SampleWeightTotal`, `LogWindow(weight_log=
   ...)`). Seeds 0-3 with both (0 / 96 / 300 / 1k / 16k): 0.93 / 1.00 /
   1.00 / 1.00 / 1.00, 0.64 / 0.91 / 0.94 / 0.02 / 0.00, 0.98 / 0.98 /
-  1.00 / 0.21 / 0.04, 0.26 / 0.32 / 0.01 / 0.00 / 0.00. With the early
+  1.00 / 0.21 / 0.04, 0.26 / 0.32 / 0.01 / 0.00 / 0.00 (and seed 4:
+  0.00-0.05 everywhere, never past the 4-digit stage). With the early
   windows the same four read 0.93 / 1.00 / 1.00 / 1.00 / 1.00, 0.19 /
   0.83 / 0.99 / 0.77 / 0.78, 0.96 / 0.96 / 1.00 / 0.92 / 0.89 and 0.91 /
   0.95 / 0.97 / 0.71 / 0.13 (no collapse). Exact windows without crossing
