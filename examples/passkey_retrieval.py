@@ -524,8 +524,9 @@ class PassKeyTask:
                 filler = int(rng.integers(shortest, longest + 1))
             else:
                 filler = sample_filler_length(rng, shortest, longest)
-            if crossing_share and rng.uniform() < crossing_share:
-                filler += self._crossing(rng, len(self.head) + filler, block)
+            filler += self._crossing(
+                rng, len(self.head) + filler, block, crossing_share
+            )
             key = rng.integers(0, 10, self.key_digits)
             phase = int(rng.integers(len(self.cycle))) if random_phase else 0
             ids, start = self.sequence(key, filler, phase)
@@ -568,8 +569,7 @@ class PassKeyTask:
         end = -(-len(ids) // segment) * segment
         while True:
             gap = int(rng.integers(gaps[0], gaps[1] + 1))
-            if crossing_share and rng.uniform() < crossing_share:
-                gap += self._crossing(rng, len(ids) + gap, block)
+            gap += self._crossing(rng, len(ids) + gap, block, crossing_share)
             if len(ids) + gap + len(question) > end:
                 return ids, weights
             added = np.full(gap + len(question), 0.0 if answer_only else 1.0)
@@ -577,11 +577,13 @@ class PassKeyTask:
             ids = np.concatenate([ids, self.filler(gap), question])
             weights = np.concatenate([weights, added.astype("float32")])
 
-    def _crossing(self, rng, position, block):
-        """Tokens (fewer than `block`) to add before a question at
-        `position` so that it starts where question and answer cross a
-        block boundary (its last digit in the next block), at an offset
-        drawn uniformly from those."""
+    def _crossing(self, rng, position, block, share):
+        """With probability `share`, the tokens (fewer than `block`) to add
+        before a question at `position` so that it starts where question
+        and answer cross a block boundary (its last digit in the next
+        block), at an offset drawn uniformly from those; else 0."""
+        if not (share and rng.uniform() < share):
+            return 0
         if not block:
             raise ValueError("`crossing_share` needs `block`.")
         last = int(self.question_key[-1])

@@ -536,14 +536,9 @@ class LogWindow:
     """
 
     def __init__(self, monitor, steps, weight_log=None):
-        for name, value in (("monitor", monitor), ("weight_log", weight_log)):
-            if value is None and name == "weight_log":
-                continue
-            if not isinstance(value, str) or not value:
-                raise ValueError(
-                    f"`{name}` must be the name of a training log. "
-                    f"Received: {name}={value!r}"
-                )
+        _check_log_name("monitor", monitor)
+        if weight_log is not None:
+            _check_log_name("weight_log", weight_log)
         self.monitor, self.weight_log = monitor, weight_log
         self.steps = check_int("steps", steps)
         self.reset()
@@ -574,6 +569,14 @@ class LogWindow:
             return None
         return (weight * mean - last_weight * last_mean) / (
             weight - last_weight
+        )
+
+
+def _check_log_name(name, value):
+    if not isinstance(value, str) or not value:
+        raise ValueError(
+            f"`{name}` must be the name of a training log. "
+            f"Received: {name}={value!r}"
         )
 
 
