@@ -786,12 +786,15 @@ class RollbackOnCollapse(keras.callbacks.Callback):
     def _roll_back(self, value):
         step, weights, slots = self._copies[0]
         variables = self.model.trainable_variables + self._optimizer_slots()
+        # The rate when the collapse was seen: a float rate is restored with
+        # the slots, possibly from a copy taken before an earlier cut.
+        learning_rate = np.array(self.model.optimizer.learning_rate)
         for variable, copy in zip(variables, weights + slots, strict=True):
             variable.assign(copy)
         self._copies = self._copies[:1]
         lowered = ""
         if self.learning_rate_factor is not None:
-            self._lower_learning_rate()
+            self._lower_learning_rate(learning_rate)
             lowered = f" Learning rate now x{self._scale:.3g}."
         self.rollbacks.append(
             {
@@ -810,7 +813,7 @@ class RollbackOnCollapse(keras.callbacks.Callback):
                 f"weights of step {step}.{lowered}"
             )
 
-    def _lower_learning_rate(self):
+    def _lower_learning_rate(self, learning_rate):
         model = self.model
         optimizer = model.optimizer
         factor = self.learning_rate_factor
@@ -825,8 +828,7 @@ class RollbackOnCollapse(keras.callbacks.Callback):
             # Compiled train functions hold the schedule's constants.
             model.make_train_function(force=True)
         elif isinstance(current, keras.Variable):
-            # Restored with the slots, so scaled from the copy's value.
-            current.assign(current * factor)
+            current.assign(learning_rate * factor)
         else:
             raise ValueError(
                 "`learning_rate_factor` needs an optimizer whose learning "
