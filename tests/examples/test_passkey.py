@@ -121,7 +121,7 @@ def test_the_question_is_asked_again_in_the_last_segment(tokenizer):
 
 def test_questions_can_be_moved_to_cross_a_block_boundary(tokenizer):
     task = passkey.PassKeyTask(tokenizer, key_digits=3)
-    last = int(task.question_key[-1])
+    first, last = int(task.question_key[0]), int(task.question_key[-1])
 
     def offsets(share, **kwargs):
         sample = task.document_sampler(
@@ -140,20 +140,28 @@ def test_questions_can_be_moved_to_cross_a_block_boundary(tokenizer):
         return np.array(found) % 16
 
     # Crossing: the question starts before the block boundary that its
-    # last digit lies after (offsets 16 - last .. 15).
+    # answer starts after (offsets 16 - first .. 15); the answer is split
+    # by the boundary at offsets 16 - last .. 16 - first - 1.
     def crossing(found):
-        return np.mean(found >= 16 - last)
+        return np.mean(found >= 16 - first)
 
-    share = crossing(offsets(0.0))
-    assert 0.8 * last / 16 < share < 1.25 * last / 16
+    def split(found):
+        return np.mean((found >= 16 - last) & (found < 16 - first))
+
+    natural = offsets(0.0)
+    share = crossing(natural)
+    assert 0.8 * first / 16 < share < 1.25 * first / 16
     moved = offsets(0.5)
     assert crossing(moved) == pytest.approx(share + 0.5 * (1 - share), abs=0.06)
-    # Every crossing offset is drawn (uniformly), the others stay.
+    # Every crossing offset is drawn (uniformly), the others stay: the
+    # split answers only where a question was not moved.
     counts = np.bincount(moved, minlength=16)
     assert np.all(counts > 0)
-    # The repeated questions too.
+    assert split(moved) == pytest.approx(0.5 * split(natural), abs=0.03)
+    # The repeated questions too, and none splits its answer.
     repeats = offsets(1.0, fill_segment=64, gaps=(8, 16))
     assert crossing(repeats) == 1.0 and len(repeats) > 400
+    assert split(repeats) == 0.0
     with pytest.raises(ValueError, match="block"):
         task.document_sampler(0, 300, crossing_share=0.5)(
             np.random.default_rng(0)
