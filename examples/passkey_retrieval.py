@@ -88,7 +88,8 @@ through the last segment's 6 blocks only).
 
 Status (issue 9, shared 2-core CPU): the default command reads 1.00 at
 every filler length, 0 / 32 / 96 / 1k / 3k / 16k / 64k / 262k (seed 0,
-alone, base cached, 516 s wall), and BSWA reads 0.00 beyond its field.
+alone, base cached, 516 s wall; 650 s building the base first), and
+BSWA reads 0.00 beyond its field.
 Four of six seeds of the same defaults hold the key at 1k and 16k
 (0.99-1.00); two learn the key stages too slowly and read 0.00-0.10
 there, and three read 0.13-0.85 at filler 0 alone (the last bullets
