@@ -353,7 +353,12 @@ unless said):
   the key's own block. Batch 16 with 3,000 steps (the same tokens; a
   100-step window) was no better: seed 1 0.82 / 0.95 / 0.99 / 0.33 /
   0.00 (950 steps in the 5-digit stage), seed 4 0.00 (950 steps on
-  2-digit keys).
+  2-digit keys). A higher learning rate saves one slow seed and breaks
+  others. A cosine over 2,500 steps saved seed 3 (0.93 / 1.00 / 1.00 /
+  1.00 / 1.00), but seed 4 collapsed (0.00). The rate held at its peak
+  until the last stage, with `--rollback-learning-rate-factor 0.5`,
+  made seeds 0, 3 and 4 collapse two or three times each in the key
+  stages.
 - What it would take: key stages that are fast for every draw (a stage
   is a jump in accuracy after a wait that depends on the draw: 100-225
   steps for most, 425-525 for seeds 3 and 4), or more steps for the
@@ -364,10 +369,9 @@ unless said):
   question, but the key curriculum then stalled).
   `RollbackOnCollapse(learning_rate_factor=...)` lowers the learning
   rate after each rollback (`--rollback-learning-rate-factor`); it is off
-  by default and untested on PassKey (of the runs since the collapse
-  above only the batch-16 run of seed 4 collapsed: three rollbacks,
-  without the factor). The paper fine-tunes 1B+ models on 2k-18k-token
-  fillers for 5k steps.
+  by default (no default run collapsed; at a held peak rate it slowed
+  the collapses without ending them). The paper fine-tunes 1B+ models
+  on 2k-18k-token fillers for 5k steps.
 """
 
 import argparse
