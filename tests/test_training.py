@@ -15,6 +15,7 @@ from keras_fam.training import (
     RollbackOnCollapse,
     SampleWeightTotal,
     ScaledLearningRate,
+    calibrate_write_threshold,
     streamed_batches,
     streamed_dataset,
 )
@@ -674,3 +675,107 @@ def test_scaled_learning_rate_serializes():
         ScaledLearningRate(cosine, 0.0)
     with pytest.raises(ValueError, match="schedule"):
         ScaledLearningRate(1e-3, 0.5)
+
+
+# === The hard write gate's threshold, set after training ===
+
+
+def _gated_lm(**overrides):
+    return tiny_models.tiny_lm(
+        VOCAB,
+        fam_write_gate="hard",
+        fam_write_threshold=0.5,
+        **{"hidden_dim": 8, "intermediate_dim": 8, "seed": 3, **overrides},
+    )
+
+
+def _token_inputs(batch=2, length=16, seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "token_ids": rng.integers(0, VOCAB, (batch, length)).astype("int32"),
+        "padding_mask": np.ones((batch, length), "bool"),
+    }
+
+
+def test_set_fam_write_threshold_reaches_layers_compiled_functions_config():
+    lm = _gated_lm()
+    inputs = _token_inputs()
+    at_half = lm.predict(inputs, verbose=0)
+    lm.set_fam_write_threshold(0.99)  # Every gate closed: the FAM stays.
+    assert [
+        layer.fam_write_threshold for layer in lm.backbone.transformer_layers
+    ] == [0.99, 0.99]
+    closed = lm.predict(inputs, verbose=0)
+    assert np.abs(closed - at_half).max() > 1e-4
+    np.testing.assert_allclose(numpy(lm(inputs)), closed, atol=1e-5)
+    config = lm.backbone.get_config()
+    assert config["fam_write_threshold"] == 0.99
+    rebuilt = FAMCausalLM(
+        type(lm.backbone).from_config(config), preprocessor=None
+    )
+    rebuilt.backbone.set_weights(lm.backbone.get_weights())
+    np.testing.assert_allclose(numpy(rebuilt(inputs)), closed, atol=1e-5)
+    lm.set_fam_write_threshold(0.5)
+    np.testing.assert_allclose(
+        lm.predict(inputs, verbose=0), at_half, atol=1e-5
+    )
+
+
+def test_set_fam_write_threshold_errors():
+    with pytest.raises(ValueError, match="threshold=1.5"):
+        _gated_lm().set_fam_write_threshold(1.5)
+    ungated = tiny_models.tiny_lm(VOCAB, hidden_dim=8, intermediate_dim=8)
+    with pytest.raises(ValueError, match='needs `fam_write_gate="hard"`'):
+        ungated.set_fam_write_threshold(0.5)
+
+
+def test_calibrate_write_threshold_sets_the_best_candidate():
+    lm = _gated_lm()
+    inputs = _token_inputs()
+    seen = []
+
+    def score(model):
+        # The threshold really reaches the model: predictions change.
+        threshold = model.backbone.layer_options["fam_write_threshold"]
+        seen.append((threshold, model.predict(inputs, verbose=0)))
+        return -abs(threshold - 0.6)
+
+    best, scores = calibrate_write_threshold(
+        lm, score, [0.4, 0.6, 0.99], verbose=0
+    )
+    assert best == 0.6 and list(scores) == [0.4, 0.6, 0.99]
+    assert lm.backbone.layer_options["fam_write_threshold"] == 0.6
+    assert np.abs(seen[2][1] - seen[0][1]).max() > 1e-4
+    np.testing.assert_allclose(
+        lm.predict(inputs, verbose=0), seen[1][1], atol=1e-5
+    )
+    # Ties: the candidate closest to the current threshold (0.6 now).
+    best, _ = calibrate_write_threshold(
+        lm, lambda model: 1.0, [0.3, 0.7, 0.55], verbose=0
+    )
+    assert best == 0.55
+
+
+@pytest.mark.parametrize(
+    "thresholds, score, message",
+    [
+        ([], lambda m: 0.0, "thresholds"),
+        ([0.5, 1.0], lambda m: 0.0, "thresholds=1.0"),
+        ([0.5], "accuracy", "score"),
+    ],
+)
+def test_calibrate_write_threshold_errors(thresholds, score, message):
+    with pytest.raises(ValueError, match=message):
+        calibrate_write_threshold(_gated_lm(), score, thresholds, verbose=0)
+
+
+def test_write_threshold_jitter_trains_under_fit():
+    # The jittered thresholds are drawn in the compiled train step (outside
+    # the block loop) on every backend.
+    lm = _gated_lm(fam_write_threshold_jitter=0.1)
+    lm.compile(optimizer=keras.optimizers.Adam(1e-2), loss="auto")
+    inputs = _token_inputs(batch=4, seed=1)
+    labels = np.roll(inputs["token_ids"], -1, axis=1)
+    history = lm.fit(inputs, labels, batch_size=2, epochs=2, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+    assert lm.backbone.get_config()["fam_write_threshold_jitter"] == 0.1

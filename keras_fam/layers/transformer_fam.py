@@ -223,6 +223,18 @@ class TransformerFAM(keras.layers.Layer):
             fell to 0.00-0.13 (one from 0.96-1.00), one was unchanged, one
             rose (0.82 to 0.98 at filler 0). Defaults to `None` (the
             per-key threshold).
+        fam_write_threshold_jitter: float in `[0, 0.5)`. With
+            `fam_write_gate="hard"`, in training only: every gate's
+            threshold at every block is drawn uniformly from
+            `threshold +- fam_write_threshold_jitter` (inference uses the
+            threshold itself). A write share near the threshold then
+            sometimes writes and sometimes not, so the loss pushes the
+            shares of the blocks that must be written clearly above it and
+            those of filler clearly below it: a margin, where the gate
+            otherwise learns only the side of the threshold its training
+            blocks happened to need. Drawn on the whole-block paths
+            (`call` on whole blocks, training streams); streamed chunks
+            never jitter. Defaults to `0.0` (off).
         **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`...).
 
     Call arguments:
@@ -304,6 +316,7 @@ class TransformerFAM(keras.layers.Layer):
         fam_normalization=False,
         fam_write_gate=None,
         fam_write_threshold=None,
+        fam_write_threshold_jitter=0.0,
         qkv_bias=False,
         query_key_norm=False,
         **kwargs,
@@ -352,6 +365,19 @@ class TransformerFAM(keras.layers.Layer):
                     f"fam_write_threshold={fam_write_threshold!r}"
                 )
         self.fam_write_threshold = fam_write_threshold
+        fam_write_threshold_jitter = check_float(
+            "fam_write_threshold_jitter",
+            fam_write_threshold_jitter,
+            minimum=0.0,
+            below=0.5,
+        )
+        if fam_write_threshold_jitter and self.fam_write_gate != "hard":
+            raise ValueError(
+                '`fam_write_threshold_jitter` needs `fam_write_gate="hard"`. '
+                f"Received: fam_write_gate={self.fam_write_gate!r}, "
+                f"fam_write_threshold_jitter={fam_write_threshold_jitter!r}"
+            )
+        self.fam_write_threshold_jitter = fam_write_threshold_jitter
         query_key_norm = check_bool("query_key_norm", query_key_norm)
         self.kernel_initializer = get_initializer(kernel_initializer)
         self.supports_masking = True
@@ -458,6 +484,7 @@ class TransformerFAM(keras.layers.Layer):
         keep=None,
         training=None,
         fam_rows=0,
+        jitter=None,
     ):
         """One step of the layer: `rows` attend to a key layout, then go
         through the feedforward network (pre-norm, residuals).
@@ -489,6 +516,9 @@ class TransformerFAM(keras.layers.Layer):
             fam_rows: int. The first `fam_rows` rows are FAM vectors whose
                 update the `fam_write_gate` scales (the callers that carry
                 the FAM to the next block). Defaults to `0`.
+            jitter: `None`, or `(B, fam_rows)` offsets added to the hard
+                gate's threshold (`fam_write_threshold_jitter`; drawn
+                outside a scan, like `keep`).
 
         Returns:
             `(rows, (key, value))`: the rows after the layer, and their own
@@ -522,11 +552,13 @@ class TransformerFAM(keras.layers.Layer):
         rows = rows + ops.cast(self._drop(fed, keep, 1, training), residual)
         if fam_rows and self.fam_write_gate is not None:
             rows = self._gate_fam(
-                rows, previous, query, all_keys, mask, columns, fam_rows
+                rows, previous, query, all_keys, mask, columns, fam_rows, jitter
             )
         return rows, (key, value)
 
-    def _gate_fam(self, rows, previous, query, keys, mask, columns, count):
+    def _gate_fam(
+        self, rows, previous, query, keys, mask, columns, count, jitter=None
+    ):
         """`fam_write_gate`: scale each FAM vector's update by the share of
         its attention that went to the block rather than to the FAM."""
         attention = self.attention
@@ -559,6 +591,11 @@ class TransformerFAM(keras.layers.Layer):
                 fam_columns = ops.cast(self._fam_columns[columns], write.dtype)
                 on_block = ops.sum(valid * (1.0 - fam_columns), axis=-1)
                 threshold = on_block / ops.maximum(ops.sum(valid, axis=-1), 1.0)
+            if jitter is not None:
+                # `fam_write_threshold_jitter`, training only: each gate's
+                # threshold moves at random, so what trains is a margin on
+                # both sides of it (see the argument's docstring).
+                threshold = threshold + ops.cast(jitter, write.dtype)
             hard = ops.cast(ops.greater(write, threshold), write.dtype)
             write = write + ops.stop_gradient(hard - write)
         write = ops.cast(write[:, :, None], rows.dtype)
@@ -633,6 +670,7 @@ class TransformerFAM(keras.layers.Layer):
             keep=inputs.get("keep"),
             training=training,
             fam_rows=fam_length,
+            jitter=inputs.get("jitter"),
         )
         carry = {
             "fam": self._carried_fam(rows[:, :fam_length]),
@@ -662,6 +700,9 @@ class TransformerFAM(keras.layers.Layer):
         keep = self._block_keep(x, num_blocks, training)
         if keep is not None:
             xs["keep"] = keep
+        jitter = self._block_jitter(x, num_blocks, training)
+        if jitter is not None:
+            xs["jitter"] = jitter
         carry_keys = ("fam", "memory_key", "memory_value", "memory_mask")
         carry = {key: state[key] for key in carry_keys}
         carry, ys = dispatch.scan(
@@ -704,6 +745,18 @@ class TransformerFAM(keras.layers.Layer):
             for _ in range(2)
         )
 
+    def _block_jitter(self, x, num_blocks, training):
+        """Offsets `(num_blocks, B, F)` of the hard gate's threshold, uniform
+        in `+-fam_write_threshold_jitter`, or `None` (inference, or no
+        jitter). Both block paths draw the same ones."""
+        amplitude = self.fam_write_threshold_jitter
+        if not (training and amplitude and self.fam_length):
+            return None
+        shape = (num_blocks, ops.shape(x)[0], self.fam_length)
+        return keras.random.uniform(
+            shape, -amplitude, amplitude, seed=self.seed_generator
+        )
+
     def _run_blocks_parallel(self, x, mask, state, training):
         """Whole blocks with only the FAM rows looped (`parallel_blocks`).
 
@@ -727,6 +780,7 @@ class TransformerFAM(keras.layers.Layer):
         query = self.attention.project_query(hidden, positions)
         key, value = self.attention.project_key_value(hidden, positions)
         keep = self._block_keep(x, num_blocks, training)
+        jitter = self._block_jitter(x, num_blocks, training)
 
         def blocks(t):  # (B, n * S, ...) -> (B, n, S, ...)
             return ops.reshape(t, (-1, t.shape[1] // size, size, *t.shape[2:]))
@@ -757,6 +811,7 @@ class TransformerFAM(keras.layers.Layer):
                     keep=inputs.get("keep"),
                     training=training,
                     fam_rows=fam_length,
+                    jitter=inputs.get("jitter"),
                 )
                 return self._carried_fam(fam), fam_key_value
 
@@ -770,6 +825,8 @@ class TransformerFAM(keras.layers.Layer):
             }
             if keep is not None:
                 xs["keep"] = tuple(k[:, :, :fam_length] for k in keep)
+            if jitter is not None:
+                xs["jitter"] = jitter
             key_like = ops.zeros_like(state["fam_key"])
             fam, (fam_keys, fam_values) = dispatch.scan(
                 fam_step, fam, xs, ys_like=(key_like, key_like)
@@ -1283,6 +1340,7 @@ class TransformerFAM(keras.layers.Layer):
             "fam_normalization": self.fam_normalization,
             "fam_write_gate": self.fam_write_gate,
             "fam_write_threshold": self.fam_write_threshold,
+            "fam_write_threshold_jitter": self.fam_write_threshold_jitter,
         }
 
 

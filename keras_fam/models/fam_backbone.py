@@ -20,6 +20,7 @@ from keras_fam.checks import (
     check_batch_size,
     check_bool,
     check_choice,
+    check_float,
     check_int,
     check_known_arguments,
     check_positive,
@@ -1044,6 +1045,38 @@ class FAMBackbone(Backbone):
                         f"{tuple(self.fam_summary_embedding.shape)}."
                     )
                 self.fam_summary_embedding.assign(value)
+
+    # === The hard write gate's threshold ===
+
+    def set_fam_write_threshold(self, threshold):
+        """Set every layer's `fam_write_threshold` (and the config's).
+
+        The hard gate's threshold is not a weight, so it can be chosen
+        after training, e.g. on validation data when the model was trained
+        with `fam_write_threshold_jitter` (any value inside the jittered
+        range is one the model was trained to work at;
+        `keras_fam.training.calibrate_write_threshold` picks one).
+        Functions compiled before keep the old value: use
+        `FAMCausalLM.set_fam_write_threshold`, which drops the task's
+        compiled functions, and build new `FAMStreamer`s.
+
+        Args:
+            threshold: `None` (the per-key threshold) or a float in
+                `(0, 1)`.
+        """
+        if self.layer_options.get("fam_write_gate") != "hard":
+            raise ValueError(
+                '`set_fam_write_threshold` needs `fam_write_gate="hard"`. '
+                "Received: fam_write_gate="
+                f"{self.layer_options.get('fam_write_gate')!r}"
+            )
+        if threshold is not None:
+            threshold = check_float(
+                "threshold", threshold, above=0.0, below=1.0
+            )
+        for layer in self.transformer_layers:
+            layer.fam_write_threshold = threshold
+        self.layer_options["fam_write_threshold"] = threshold
 
     # === Config ===
 

@@ -153,6 +153,17 @@ class FAMCausalLM(CausalLM):
             **kwargs,
         )
 
+    def set_fam_write_threshold(self, threshold):
+        """`FAMBackbone.set_fam_write_threshold`, and drops this model's
+        compiled functions (`predict`, `evaluate`, `fit`, `generate`) so
+        that they are traced again with the new threshold. `FAMStreamer`s
+        built before keep the old one."""
+        self.backbone.set_fam_write_threshold(threshold)
+        self.generate_function = None
+        self.predict_function = None
+        self.test_function = None
+        self.train_function = None
+
     # === Forward pass ===
 
     def call(self, inputs, training=None):

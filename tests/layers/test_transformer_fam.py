@@ -515,6 +515,75 @@ def test_hard_write_gate_keeps_or_replaces_the_fam(
             )
 
 
+@pytest.mark.parametrize("parallel_blocks", [False, True])
+def test_write_threshold_jitter_moves_the_gate_in_training_only(
+    parallel_blocks, monkeypatch
+):
+    # `fam_write_threshold_jitter`: in training every gate's threshold is
+    # drawn from 0.5 +- 0.2 at every block. A write share of 0.6 then
+    # writes some blocks and not others (fresh draws each call), while a
+    # share beyond the jitter's reach (0.75, 0.25) acts as without it; at
+    # inference the threshold is 0.5 itself.
+    x = _inputs(2, 16, seed=5)
+    options = dict(
+        fam_write_gate="hard",
+        fam_write_threshold=0.5,
+        parallel_blocks=parallel_blocks,
+    )
+
+    def layers(share):
+        # New layers for every share: TensorFlow keeps traced steps, with
+        # the patched share in them.
+        monkeypatch.setattr(
+            dispatch,
+            "attention_mass",
+            lambda query, *args: ops.full(ops.shape(query)[:2], 1.0 - share),
+        )
+        jittered = _layer(fam_write_threshold_jitter=0.2, **options)
+        plain = _layer(**options)
+        plain.set_weights(jittered.get_weights())
+        return jittered, plain
+
+    def fam(layer, training):
+        return to_numpy(layer(x, return_fam=True, training=training)[1])
+
+    for share in (0.75, 0.6, 0.25):
+        jittered, plain = layers(share)
+        np.testing.assert_allclose(
+            fam(jittered, False), fam(plain, False), atol=1e-6
+        )
+        if share != 0.6:
+            np.testing.assert_allclose(
+                fam(jittered, True), fam(plain, True), atol=1e-6
+            )
+    jittered, plain = layers(0.6)
+    first, second = fam(jittered, True), fam(jittered, True)
+    assert np.abs(first - fam(plain, True)).max() > 1e-3
+    assert np.abs(first - second).max() > 1e-3
+
+
+def test_write_threshold_jitter_is_the_same_on_both_block_paths():
+    # The fused and the parallel block paths draw the same thresholds from
+    # the same seed state, so they agree in training too.
+    x = _inputs(2, 16, seed=6)
+    options = dict(
+        fam_write_gate="hard",
+        fam_write_threshold=0.5,
+        fam_write_threshold_jitter=0.3,
+    )
+    fused = _layer(parallel_blocks=False, **options)
+    parallel = _layer(parallel_blocks=True, **options)
+    parallel.set_weights(fused.get_weights())
+    parallel.seed_generator.state.assign(fused.seed_generator.state.value)
+    want, want_fam = fused(x, return_fam=True, training=True)
+    got, got_fam = parallel(x, return_fam=True, training=True)
+    np.testing.assert_allclose(to_numpy(got), to_numpy(want), atol=1e-5)
+    np.testing.assert_allclose(to_numpy(got_fam), to_numpy(want_fam), atol=1e-5)
+    config = fused.get_config()
+    assert config["fam_write_threshold_jitter"] == 0.3
+    assert TransformerFAM.from_config(config).fam_write_threshold_jitter == 0.3
+
+
 def _compiled_step(layer):
     """`(state, tokens, mask) -> (outputs, state)` compiled so that the
     state's position is a run-time value."""
@@ -970,6 +1039,18 @@ def test_kernel_initializer_is_used():
         (
             dict(fam_write_gate="hard", fam_write_threshold=1.0),
             "fam_write_threshold=1.0",
+        ),
+        (
+            dict(fam_write_threshold_jitter=0.1),
+            'fam_write_threshold_jitter.*needs `fam_write_gate="hard"`',
+        ),
+        (
+            dict(fam_write_gate="hard", fam_write_threshold_jitter=0.5),
+            "fam_write_threshold_jitter=0.5",
+        ),
+        (
+            dict(fam_write_gate="hard", fam_write_threshold_jitter=-0.1),
+            "fam_write_threshold_jitter=-0.1",
         ),
     ],
 )
