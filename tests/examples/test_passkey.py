@@ -368,6 +368,9 @@ def test_reduced_pipeline_writes_table_json_and_plot(tmp_path, capsys):
         "--long-eval-from", "200",
         "--eval-batch-size", "2",
         "--blocks-per-step", "4",
+        "--calibrate-thresholds", "0.45", "0.55",
+        "--calibration-lengths", "0", "40",
+        "--calibration-samples", "2",
         "--output-dir", str(out),
     ]  # fmt: skip
     results = passkey.main(flags)
@@ -388,6 +391,16 @@ def test_reduced_pipeline_writes_table_json_and_plot(tmp_path, capsys):
     assert set(bswa["accuracy"]) == {"0", "40"}
     assert bswa["receptive_field"] == 2 * 2 * 16
     assert fam["receptive_field"] is None
+    # Trained with a jittered gate threshold, read at the one chosen on
+    # validation sequences.
+    assert config["fam_write_threshold_jitter"] == 0.1
+    calibration = fam["threshold_calibration"]
+    assert set(calibration["scores"]) == {"0.45", "0.55"}
+    assert calibration["lengths"] == [0, 40] and calibration["samples"] == 2
+    best = max(calibration["scores"].values())
+    assert fam["fam_write_threshold"] in (0.45, 0.55)
+    assert calibration["scores"][str(fam["fam_write_threshold"])] == best
+    assert bswa["threshold_calibration"] is None
     # The longest filler the curriculum reached (plotted): a stage's bound.
     stages = {bound for _, _, bound in fam["curriculum"]}
     assert saved["longest_trained_filler"] == max(stages)
