@@ -1285,10 +1285,6 @@ class Evaluator:
         return correct / samples, (float(np.mean(fam_rms)) if fam_rms else None)
 
 
-def gated(args):
-    return args.fam_write_gate == "hard"
-
-
 def calibrate(lm, task, args):
     """The hard write gate's threshold, chosen on validation sequences.
 
@@ -1313,17 +1309,18 @@ def calibrate(lm, task, args):
     best, scores = calibrate_write_threshold(
         lm, score, args.calibrate_thresholds, verbose=min(args.verbose, 1)
     )
+    seconds = time.time() - start
     print(
         f"Write threshold {best:g} (validation exact match, lowest over "
         f"fillers {args.calibration_lengths}: "
         + ", ".join(f"{t:g}: {a:.2f}" for t, a in scores.items())
-        + f"; {time.time() - start:.0f}s)"
+        + f"; {seconds:.0f}s)"
     )
     return {
         "lengths": list(args.calibration_lengths),
         "samples": samples,
         "scores": {str(t): a for t, a in scores.items()},
-        "seconds": time.time() - start,
+        "seconds": seconds,
     }
 
 
@@ -1645,7 +1642,8 @@ def main(argv=None):
         trainable = trainable_summary(lm)
         print(f"Trainable weights: {trainable}")
         calibration = None
-        if fam_length and args.calibrate_thresholds and gated(args):
+        hard = args.fam_write_gate == "hard"
+        if fam_length and args.calibrate_thresholds and hard:
             calibration = calibrate(lm, task, args)
         # The fine-tuned model is the base preset with the same options plus
         # these adapters (LoRA factors and summary embeddings), see README.

@@ -361,28 +361,16 @@ class TransformerFAM(keras.layers.Layer):
         self.fam_write_gate = check_choice(
             "fam_write_gate", fam_write_gate, FAM_WRITE_GATES
         )
-        if fam_write_threshold is not None:
-            fam_write_threshold = check_float(
-                "fam_write_threshold", fam_write_threshold, above=0.0, below=1.0
-            )
-            if self.fam_write_gate != "hard":
-                raise ValueError(
-                    '`fam_write_threshold` needs `fam_write_gate="hard"`. '
-                    f"Received: fam_write_gate={self.fam_write_gate!r}, "
-                    f"fam_write_threshold={fam_write_threshold!r}"
-                )
-        self.fam_write_threshold = fam_write_threshold
+        self.set_fam_write_threshold(fam_write_threshold)
         fam_write_threshold_jitter = check_float(
             "fam_write_threshold_jitter",
             fam_write_threshold_jitter,
             minimum=0.0,
             below=0.5,
         )
-        if fam_write_threshold_jitter and self.fam_write_gate != "hard":
-            raise ValueError(
-                '`fam_write_threshold_jitter` needs `fam_write_gate="hard"`. '
-                f"Received: fam_write_gate={self.fam_write_gate!r}, "
-                f"fam_write_threshold_jitter={fam_write_threshold_jitter!r}"
+        if fam_write_threshold_jitter:
+            self._needs_hard_gate(
+                "fam_write_threshold_jitter", fam_write_threshold_jitter
             )
         self.fam_write_threshold_jitter = fam_write_threshold_jitter
         query_key_norm = check_bool("query_key_norm", query_key_norm)
@@ -476,6 +464,26 @@ class TransformerFAM(keras.layers.Layer):
                 name="initial_fam",
                 shape=(self.fam_length, hidden_dim),
                 initializer=keras.initializers.RandomNormal(stddev=0.02),
+            )
+
+    def set_fam_write_threshold(self, fam_write_threshold):
+        """Set `fam_write_threshold` (checked as the constructor checks it).
+        It is no weight: a trained layer can be read at another threshold
+        (see `fam_write_threshold_jitter`). Functions compiled before keep
+        the old value."""
+        if fam_write_threshold is not None:
+            fam_write_threshold = check_float(
+                "fam_write_threshold", fam_write_threshold, above=0.0, below=1.0
+            )
+            self._needs_hard_gate("fam_write_threshold", fam_write_threshold)
+        self.fam_write_threshold = fam_write_threshold
+
+    def _needs_hard_gate(self, name, value):
+        if self.fam_write_gate != "hard":
+            raise ValueError(
+                f'`{name}` needs `fam_write_gate="hard"`. '
+                f"Received: fam_write_gate={self.fam_write_gate!r}, "
+                f"{name}={value!r}"
             )
 
     # === The step: the layer's math for some rows over some keys ===

@@ -20,7 +20,6 @@ from keras_fam.checks import (
     check_batch_size,
     check_bool,
     check_choice,
-    check_float,
     check_int,
     check_known_arguments,
     check_positive,
@@ -1070,13 +1069,11 @@ class FAMBackbone(Backbone):
                 "Received: fam_write_gate="
                 f"{self.layer_options.get('fam_write_gate')!r}"
             )
-        if threshold is not None:
-            threshold = check_float(
-                "threshold", threshold, above=0.0, below=1.0
-            )
         for layer in self.transformer_layers:
-            layer.fam_write_threshold = threshold
-        self.layer_options["fam_write_threshold"] = threshold
+            layer.set_fam_write_threshold(threshold)
+        self.layer_options["fam_write_threshold"] = self.transformer_layers[
+            0
+        ].fam_write_threshold
 
     # === Config ===
 
